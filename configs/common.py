@@ -1,0 +1,124 @@
+"""Defaults shared by every config, and the dataset presets.
+
+Field names follow google-research/vision_transformer (`configs/common.py`) wherever the concept
+exists there; fields that are ours are marked "(ours)". Every field is declared here so that a
+typo on the command line (`--config.totl_steps=10`) is an error, not a silently ignored value.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# name -> (what `config.dataset` becomes, crop, total_steps, train split, test split, classes).
+# Splits use tfds syntax; for folders and Fashion-MNIST only 'train'/'test' are meaningful.
+DATASET_PRESETS = {
+    "shoes": dict(dataset="data/shoes", crop=224, total_steps=2_000, train="train", test="test"),
+    "cifar10": dict(dataset="cifar10", crop=384, total_steps=10_000, train="train[:98%]",
+                    test="test"),
+    "cifar100": dict(dataset="cifar100", crop=384, total_steps=10_000, train="train[:98%]",
+                     test="test"),
+    "oxford_iiit_pet": dict(dataset="oxford_iiit_pet", crop=384, total_steps=500,
+                            train="train[:90%]", test="test"),
+    "oxford_flowers102": dict(dataset="oxford_flowers102", crop=384, total_steps=500,
+                              train="train", test="test"),
+    "food101": dict(dataset="food101", crop=384, total_steps=10_000, train="train[:99%]",
+                    test="validation"),
+    "fashion_mnist": dict(dataset="fashion_mnist", crop=32, total_steps=3_000, train="train",
+                          test="test"),
+    # The three footwear classes of Fashion-MNIST: a real shoe-recognition task offline.
+    "fashion_mnist_shoes": dict(dataset="fashion_mnist", crop=32, total_steps=1_500,
+                                train="train", test="test",
+                                classes=("Sandal", "Sneaker", "Ankle boot")),
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the shared defaults. Configs start from this and then lock."""
+  config = ml_collections.ConfigDict()
+
+  # --- Model -------------------------------------------------------------------------------
+  config.model_name = "ViT-B_16"  # a key of vit_jax.models.MODEL_CONFIGS
+  # Overrides of the preset's fields (ours). `None` keeps the preset's value.
+  config.model = ml_collections.ConfigDict(dict(
+      dropout_rate=config_dict.placeholder(float),
+      attention_dropout_rate=config_dict.placeholder(float),
+      stochastic_depth=config_dict.placeholder(float),
+      representation_size=config_dict.placeholder(int),
+      classifier=config_dict.placeholder(str),
+      gelu_approximate=config_dict.placeholder(bool),
+      dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
+      remat=False,  # rematerialise each encoder block (trade compute for memory)
+  ))
+
+  # --- Initialisation: the resume ladder is workdir > resume > pretrained > scratch ---------
+  config.pretrained_dir = "checkpoints"  # where {model_name}.npz is looked up
+  config.pretrained_path = ""  # (ours) an explicit .npz path; overrides pretrained_dir
+  config.from_scratch = False  # (ours) ignore any pretrained file: random initialisation
+  config.resume = ""  # (ours) an orbax checkpoint dir to resume from when the workdir has none
+
+  # --- Data ---------------------------------------------------------------------------------
+  config.dataset = ""  # a tfds name, an image-folder path, or "fashion_mnist"
+  config.classes = ()  # (ours) keep only these class names, relabelled 0..K-1 (empty: all)
+  config.test_fraction = 0.2  # (ours) test share when a folder has no train/ and test/ split
+  config.tfds_data_dir = ""
+  config.tfds_manual_dir = ""
+  config.tfds_download = False  # (ours) off: an offline tfds download hangs for minutes
+  config.fashion_mnist_dir = ""  # (ours) empty: the Debian package's location, then .cache/
+  config.strict_images = False  # (ours) an unreadable image is an error instead of a warning
+  config.shuffle_buffer = 50_000  # bounds host memory for tfds sources
+  config.cache = False  # (ours) cache decoded eval images in memory
+  config.prefetch = 2  # batches prefetched to the devices
+
+  config.pp = ml_collections.ConfigDict(dict(
+      train="train",
+      test="test",
+      crop=224,  # training and evaluation resolution
+      eval_resize=0,  # (ours) >crop: resize to this, then central crop; 0: resize to crop
+      inception_crop=True,  # (ours) random area crop (Inception style) for training
+      area_min=0.05,  # (ours) smallest crop area of the Inception crop
+      flip=True,  # (ours) random horizontal flip for training
+      bfloat16=False,  # (ours) images in bfloat16 (halves host->device traffic)
+  ))
+
+  # --- Optimisation ---------------------------------------------------------------------------
+  config.total_steps = 10_000
+  config.batch = 512  # global batch, over all processes and devices
+  config.batch_eval = 512
+  config.accum_steps = 1  # gradient-accumulation micro-steps per update
+  config.optimizer = "sgd"  # (ours) "sgd" (momentum 0.9, as the paper) or "adamw"
+  config.momentum = 0.9  # (ours)
+  config.optim_dtype = "bfloat16"  # dtype of the SGD momentum / Adam first moment
+  config.base_lr = 0.03
+  config.decay_type = "cosine"  # "cosine" or "linear"
+  config.linear_end = 1e-5
+  config.warmup_steps = 500
+  config.grad_norm_clip = 1.0
+  config.weight_decay = 0.0  # (ours) decoupled; applied to kernels only
+  config.label_smoothing = 0.0  # (ours)
+
+  # --- Parallelism (ours) -----------------------------------------------------------------------
+  config.parallelism = "jit"  # "jit" (Mesh + NamedSharding) or "pmap"; same numbers
+  config.fsdp = False  # jit only: shard parameters and optimizer state over the data axis
+
+  # --- Loop, checkpoints, logging --------------------------------------------------------------
+  config.seed = 0
+  config.eval_every = 100
+  config.checkpoint_every = 1_000
+  config.progress_every = 10
+  config.keep_checkpoints = 2  # (ours) orbax max_to_keep
+  config.async_checkpoints = True  # (ours)
+  config.export_npz = True  # (ours) write params.npz in the original format at the end
+  return config
+
+
+def with_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Applies DATASET_PRESETS[name] to `config` (in place) and returns it."""
+  if name not in DATASET_PRESETS:
+    raise ValueError(f"Unknown dataset preset {name!r}; known: {sorted(DATASET_PRESETS)}")
+  preset = DATASET_PRESETS[name]
+  config.dataset = preset["dataset"]
+  config.pp.crop = preset["crop"]
+  config.total_steps = preset["total_steps"]
+  config.pp.train = preset["train"]
+  config.pp.test = preset["test"]
+  config.classes = tuple(preset.get("classes", ()))
+  return config

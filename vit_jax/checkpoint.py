@@ -1,0 +1,217 @@
+"""The original Google ViT `.npz` format: load, strict merge, position-embedding resize, save.
+
+A Google `.npz` is a flat `np.savez` archive of `/`-joined parameter paths with the pre-Linen
+numbering inside each encoder block (`MultiHeadDotProductAttention_1`, `LayerNorm_2`,
+`MlpBlock_3`). The model (models_vit.py) uses the Linen numbering, so loading and saving is the
+fixed rename `_PRE_LINEN` and its inverse. No TensorFlow here: conversion and serving import this.
+"""
+
+import json
+import os
+import re
+import zipfile
+from typing import Any, Iterable, Mapping, Optional
+
+import ml_dtypes
+import numpy as np
+import scipy.ndimage
+from absl import logging
+from flax import traverse_util
+
+Params = Mapping[str, Any]
+
+# Inside `encoderblock_{i}`: pre-Linen name in the file -> Linen name in the model.
+_PRE_LINEN = {
+    "LayerNorm_0": "LayerNorm_0",
+    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+    "LayerNorm_2": "LayerNorm_1",
+    "MlpBlock_3": "MlpBlock_0",
+}
+_LINEN = {v: k for k, v in _PRE_LINEN.items()}
+_BLOCK = re.compile(r"^encoderblock_\d+$")
+_POSEMB = "Transformer/posembed_input/pos_embedding"
+# Prefixes other producers put in front of the same tree (big_vision, old flax.optim files).
+_PREFIXES = ("params/", "opt/target/")
+_HYBRID_KEYS = ("conv_root/kernel", "gn_root/scale")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be used: the message names the file and what is wrong."""
+
+
+def _rename_blocks(flat: dict[str, Any], table: Mapping[str, str]) -> dict[str, Any]:
+  out = {}
+  for key, value in flat.items():
+    parts = key.split("/")
+    for i in range(len(parts) - 1):
+      if _BLOCK.match(parts[i]) and parts[i + 1] in table:
+        parts[i + 1] = table[parts[i + 1]]
+    out["/".join(parts)] = value
+  return out
+
+
+def _to_float(key: str, arr: np.ndarray, path: str) -> np.ndarray:
+  """float32 for every parameter; bfloat16 stored by np.savez comes back as 2-byte void."""
+  if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
+    return arr.view(ml_dtypes.bfloat16).astype(np.float32)
+  if arr.dtype == ml_dtypes.bfloat16 or arr.dtype in (np.float16, np.float32, np.float64):
+    return arr.astype(np.float32)
+  raise CheckpointError(f"{path}: array {key!r} has dtype {arr.dtype}, expected a float type")
+
+
+def load_flat(path: str) -> dict[str, np.ndarray]:
+  """Reads an `.npz` into {linen/path: float32 array}, checking that it is a plain ViT file."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such checkpoint file")
+  flat = {}
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      for key in npz.files:  # Reading every array checks each CRC: truncation fails here.
+        flat[key] = npz[key]
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}: not a readable .npz checkpoint (truncated or corrupt?): "
+                          f"{type(e).__name__}: {e}") from None
+  for prefix in _PREFIXES:
+    if flat and all(k.startswith(prefix) for k in flat):
+      flat = {k[len(prefix):]: v for k, v in flat.items()}
+  if any(k in flat for k in _HYBRID_KEYS):
+    raise CheckpointError(f"{path}: a ResNet+ViT hybrid checkpoint (has 'conv_root'); only plain "
+                          "ViT checkpoints are supported")
+  if "embedding/kernel" not in flat:
+    raise CheckpointError(f"{path}: not a ViT checkpoint: no 'embedding/kernel' among its "
+                          f"{len(flat)} arrays (first keys: {sorted(flat)[:5]})")
+  flat = {k: _to_float(k, v, path) for k, v in flat.items()}
+  return _rename_blocks(flat, _PRE_LINEN)
+
+
+def load(path: str) -> dict[str, Any]:
+  """Loads an original (or exported) `.npz` into the model's nested parameter tree."""
+  return traverse_util.unflatten_dict(load_flat(path), sep="/")
+
+
+def _flatten(params: Params) -> dict[str, Any]:
+  return traverse_util.flatten_dict(dict(params), sep="/")
+
+
+def inspect_params(*, params: Params, expected: Params, path: str = "<params>",
+                   allow_missing: Iterable[str] = (), allow_extra: Iterable[str] = ()) -> None:
+  """Logs the difference between two trees and raises unless every difference is allowed.
+
+  `allow_missing` / `allow_extra` are regexes over `/`-joined keys: keys the model expects but
+  the file lacks, and keys the file has but the model lacks.
+  """
+  have, want = set(_flatten(params)), set(_flatten(expected))
+  missing, extra = sorted(want - have), sorted(have - want)
+  if missing:
+    logging.info("%s: in the model, not in the file: %s", path, missing)
+  if extra:
+    logging.info("%s: in the file, not in the model: %s", path, extra)
+  bad_missing = [k for k in missing if not any(re.fullmatch(p, k) for p in allow_missing)]
+  bad_extra = [k for k in extra if not any(re.fullmatch(p, k) for p in allow_extra)]
+  if bad_missing or bad_extra:
+    raise CheckpointError(
+        f"{path}: does not match the model (a checkpoint of another model?).\n"
+        f"  in the model, not in the file ({len(bad_missing)}): {bad_missing[:10]}\n"
+        f"  in the file, not in the model ({len(bad_extra)}): {bad_extra[:10]}")
+
+
+def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool) -> np.ndarray:
+  """Resamples a (1, tokens, D) position embedding to `num_tokens`, keeping the class slot.
+
+  The grid is zoomed bilinearly with corner-aligned sampling (scipy.ndimage.zoom, order=1), as
+  google-research/vision_transformer does; equal to torch bilinear with align_corners=True.
+  """
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f"position embedding must be (1, tokens, D), got {posemb.shape}")
+  tok, grid = (posemb[:, :1], posemb[0, 1:]) if has_class_token else (posemb[:, :0], posemb[0])
+  n_new = num_tokens - tok.shape[1]
+  gs_old, gs_new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(n_new)))
+  if gs_old ** 2 != len(grid) or gs_new ** 2 != n_new:
+    raise ValueError(f"position embedding grids must be square: {len(grid)} -> {n_new} tokens")
+  grid = grid.reshape(gs_old, gs_old, -1)
+  zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+  grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(1, gs_new * gs_new, -1)
+  return np.concatenate([tok, grid], axis=1).astype(posemb.dtype)
+
+
+def load_pretrained(*, pretrained_path: str, init_params: Params,
+                    model_config: Any) -> dict[str, Any]:
+  """Loads a pretrained `.npz` for fine-tuning into the shapes of `init_params`.
+
+  - the head always comes from `init_params` (any class count; the in21k heads are zeros);
+  - `pre_logits` is dropped when the model has no representation layer ("drop-head variant"),
+    kept when it has one;
+  - the position embeddings are resampled to the model's grid, the class slot kept;
+  - anything else that differs (keys or shapes) is an error naming the file, key and shapes.
+  Every change is logged. `model_config` needs `classifier` and `representation_size`
+  (a models_vit.VisionTransformer works).
+  """
+  path = os.fspath(pretrained_path)
+  flat = load_flat(path)
+  init = {k: np.asarray(v) if hasattr(v, "shape") else v for k, v in _flatten(init_params).items()}
+  logging.info("load_pretrained: %s (%d arrays, %s parameters)", path, len(flat),
+               f"{sum(v.size for v in flat.values()):,}")
+
+  has_rep = getattr(model_config, "representation_size", None) is not None
+  if not has_rep and any(k.startswith("pre_logits/") for k in flat):
+    logging.info("load_pretrained: drop-head variant: dropping pre_logits from %s", path)
+    flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
+  for key in ("head/kernel", "head/bias"):
+    if key in init:
+      old = flat.get(key)
+      logging.info("load_pretrained: head reset: %s %s -> %s (model init)", key,
+                   None if old is None else old.shape, init[key].shape)
+      flat[key] = init[key]
+    elif key in flat:  # a feature extractor (num_classes=0) keeps no head
+      logging.info("load_pretrained: dropping %s: the model has no head", key)
+      del flat[key]
+  inspect_params(params=traverse_util.unflatten_dict(flat, sep="/"),
+                 expected=traverse_util.unflatten_dict(init, sep="/"), path=path)
+
+  if _POSEMB in init and flat[_POSEMB].shape != init[_POSEMB].shape:
+    old, new = flat[_POSEMB].shape, init[_POSEMB].shape
+    if old[2] != new[2]:
+      raise CheckpointError(f"{path}: {_POSEMB} has width {old[2]}, the model {new[2]}")
+    flat[_POSEMB] = interpolate_posembed(
+        flat[_POSEMB], new[1], has_class_token=getattr(model_config, "classifier", "token")
+        == "token")
+    logging.info("load_pretrained: resized variant: %s %s -> %s", _POSEMB, old, new)
+
+  for key, want in init.items():
+    if flat[key].shape != want.shape:
+      raise CheckpointError(f"{path}: {key} has shape {flat[key].shape} in the file, the model "
+                            f"expects {want.shape} (a checkpoint of another model size?)")
+    flat[key] = flat[key].astype(want.dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def save_npz(params: Params, path: str, *, metadata: Optional[Mapping[str, Any]] = None) -> None:
+  """Writes `params` in the original format (pre-Linen names, float32), atomically.
+
+  The file loads with `load`, timm's `load_pretrained` and big_vision. `metadata` (e.g. class
+  names, model name, image size) goes to a JSON file beside it (`x.npz` -> `x.json`): the `.npz`
+  itself holds parameters only, so other readers find no unexpected keys.
+  """
+  path = os.fspath(path)
+  flat = {k: np.asarray(v, dtype=np.float32) for k, v in _flatten(params).items()}
+  flat = _rename_blocks(flat, _LINEN)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a tmp name
+    np.savez(f, **flat)
+  os.replace(tmp, path)  # a killed process leaves the old file or the new one, never half
+  if metadata is not None:
+    meta_path = os.path.splitext(path)[0] + ".json"
+    with open(meta_path + ".tmp", "w") as f:
+      json.dump(dict(metadata), f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+
+
+def load_metadata(path: str) -> dict[str, Any]:
+  """The JSON written beside an `.npz` by `save_npz`, or {} when there is none."""
+  meta_path = os.path.splitext(os.fspath(path))[0] + ".json"
+  if not os.path.exists(meta_path):
+    return {}
+  with open(meta_path) as f:
+    return json.load(f)

@@ -1,0 +1,72 @@
+"""Model presets by the names of the original checkpoints, and `get_model`."""
+
+from typing import Any, Mapping, Optional, Sequence
+
+from vit_jax import models_vit
+
+
+def _vit(patch: int, hidden: int, mlp: int, heads: int, layers: int, dropout: float = 0.0,
+         classifier: str = "token") -> dict[str, Any]:
+  return dict(patch_size=patch, hidden_size=hidden, mlp_dim=mlp, num_heads=heads,
+              num_layers=layers, dropout_rate=dropout, attention_dropout_rate=0.0,
+              classifier=classifier, representation_size=None)
+
+
+# Sizes and dropout as google-research/vision_transformer `configs/models.py`.
+# `representation_size` is None: fine-tuning drops the in21k `pre_logits` (see checkpoint.py).
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "ViT-Ti_16": _vit(16, 192, 768, 3, 12),
+    "ViT-S_16": _vit(16, 384, 1536, 6, 12),
+    "ViT-S_32": _vit(32, 384, 1536, 6, 12),
+    "ViT-B_16": _vit(16, 768, 3072, 12, 12),
+    "ViT-B_32": _vit(32, 768, 3072, 12, 12),
+    "ViT-B_8": _vit(8, 768, 3072, 12, 12),
+    "ViT-L_16": _vit(16, 1024, 4096, 16, 24, dropout=0.1),
+    "ViT-L_32": _vit(32, 1024, 4096, 16, 24),
+    "ViT-H_14": _vit(14, 1280, 5120, 16, 32, dropout=0.1),
+    "ViT-S_16-gap-norep": _vit(16, 384, 1536, 6, 12, classifier="gap"),
+    "ViT-B_16-gap-norep": _vit(16, 768, 3072, 12, 12, classifier="gap"),
+    # Tiny models for tests: the anchor's `testing` and a slightly wider one that can learn.
+    "testing": _vit(16, 10, 10, 2, 1, dropout=0.1),
+    "ViT-tiny_4": _vit(4, 64, 256, 4, 4),
+}
+_FIELDS = frozenset(f for f in models_vit.VisionTransformer.__dataclass_fields__
+                    if f not in ("parent", "name"))
+
+
+def get_model(name: str, num_classes: int | None, **overrides: Any) -> models_vit.VisionTransformer:
+  """Returns the preset `name` with `num_classes` outputs; `overrides` replace preset fields.
+
+  Overrides whose value is None are ignored, so unset config fields keep the preset's value.
+  """
+  if name not in MODEL_CONFIGS:
+    raise ValueError(f"Unknown model_name {name!r}; known: {', '.join(MODEL_CONFIGS)}")
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  unknown = set(overrides) - _FIELDS
+  if unknown:
+    raise ValueError(f"Unknown model field(s) {sorted(unknown)} for {name}; "
+                     f"known: {sorted(_FIELDS)}")
+  kwargs = {**MODEL_CONFIGS[name], **overrides}
+  return models_vit.VisionTransformer(num_classes=num_classes, model_name=name, **kwargs)
+
+
+# The fields that define the computed function; written beside every export (params.json) so a
+# converter or predictor rebuilds exactly the trained model without the training config.
+_ARCH_FIELDS = ("patch_size", "hidden_size", "mlp_dim", "num_heads", "num_layers",
+                "classifier", "representation_size", "gelu_approximate")
+
+
+def model_metadata(model: models_vit.VisionTransformer, *, image_size: int,
+                   class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """JSON-able description of `model` for an export: architecture, resolution, labels."""
+  return dict(model_name=model.model_name, num_classes=model.num_classes or 0,
+              image_size=int(image_size),
+              class_names=list(class_names) if class_names is not None else None,
+              architecture={f: getattr(model, f) for f in _ARCH_FIELDS})
+
+
+def model_from_metadata(meta: Mapping[str, Any], **overrides: Any) -> models_vit.VisionTransformer:
+  """Rebuilds the model described by `model_metadata` (inference settings: no dropout)."""
+  arch = dict(meta["architecture"])
+  return models_vit.VisionTransformer(num_classes=meta["num_classes"],
+                                      model_name=meta.get("model_name"), **{**arch, **overrides})

@@ -1,0 +1,218 @@
+"""Flax Linen Vision Transformer whose parameter tree is the original Google checkpoints'.
+
+Parameter names are the Linen names of google-research/vision_transformer (`embedding`, `cls`,
+`Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0,
+MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`,
+`head`), so loading an original `.npz` is the fixed pre-Linen rename in `checkpoint.py`.
+Images are NHWC in [-1, 1].
+"""
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# The original checkpoints use LayerNorm epsilon 1e-6 (Flax's default; timm's too).
+_LN_EPS = 1e-6
+
+
+def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+  # use_fast_variance=False: E[(x-mean)^2] is exact where E[x^2]-E[x]^2 loses bits on large means,
+  # which keeps logits within 1e-5 of timm / Hugging Face.
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds learned position embeddings (the class slot included) to the token sequence."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    shape = (1, inputs.shape[1], inputs.shape[2])
+    pe = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+    return inputs + pe.astype(inputs.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dropout -> Dense -> Dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
+    dense = functools.partial(
+        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    x = dense(self.mlp_dim)(inputs)
+    # The checkpoints were trained with the tanh approximation (flax.linen.gelu's default).
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(inputs.shape[-1])(x)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with the parameter layout of flax.linen.MultiHeadDotProductAttention.
+
+  query/key/value kernels are (D, heads, head_dim), out is (heads, head_dim, D), as in the
+  checkpoints. Without attention dropout it calls `jax.nn.dot_product_attention`, which XLA fuses
+  (and which uses cuDNN flash attention on GPU when `attention_impl='cudnn'`).
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_impl: Optional[str] = None  # None (XLA) or "cudnn"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    features = x.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"hidden_size {features} is not divisible by num_heads {self.num_heads}")
+    head_dim = features // self.num_heads
+    dense = functools.partial(
+        nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform())
+    q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ("query", "key", "value"))
+    if self.dropout_rate > 0.0 and not deterministic:
+      # Dropout on the attention weights needs them materialised.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(head_dim).astype(q.dtype), k)
+      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+      weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  gelu_approximate: bool = True
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _drop_path(self, x: Array, deterministic: bool) -> Array:
+    """Stochastic depth: drops the whole residual branch per example."""
+    if deterministic or self.drop_path_rate == 0.0:
+      return x
+    keep = 1.0 - self.drop_path_rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = _layer_norm("LayerNorm_0", **kw)(inputs)
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, name="MultiHeadDotProductAttention_0", **kw)(
+            x, deterministic=deterministic)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = inputs + self._drop_path(x, deterministic)
+    y = _layer_norm("LayerNorm_1", **kw)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                 gelu_approximate=self.gelu_approximate, name="MlpBlock_0", **kw)(
+                     y, deterministic=deterministic)
+    return x + self._drop_path(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """Position embeddings, `num_layers` blocks, final LayerNorm (applied to every token)."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  gelu_approximate: bool = True
+  attention_impl: Optional[str] = None
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    # static_argnums=(2,): `deterministic` is a Python bool, not traced.
+    block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    for i in range(self.num_layers):
+      # Stochastic depth grows linearly with depth, 0 for the first block.
+      rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
+      x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                    dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
+                    gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    name=f"encoderblock_{i}")(x, not train)
+    return _layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. `num_classes` 0 or None returns the pooled (pre-head) features."""
+  num_classes: Optional[int]
+  patch_size: int
+  hidden_size: int
+  mlp_dim: int
+  num_heads: int
+  num_layers: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  representation_size: Optional[int] = None
+  classifier: str = "token"  # "token" (class token) or "gap" (global average pooling)
+  gelu_approximate: bool = True
+  head_bias_init: float = 0.0
+  attention_impl: Optional[str] = None
+  remat: bool = False
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32
+  model_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    if self.classifier not in ("token", "gap"):
+      raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+    x = images.astype(self.dtype)
+    p = self.patch_size
+    x = nn.Conv(self.hidden_size, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                dtype=self.dtype, param_dtype=self.param_dtype, name="embedding")(x)
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, (n, h * w, c))  # row-major over (h, w), as the checkpoints
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+    x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                stochastic_depth=self.stochastic_depth, gelu_approximate=self.gelu_approximate,
+                attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="Transformer")(x, train=train)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="pre_logits")(x)
+      x = jnp.tanh(x)
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
+    return x.astype(jnp.float32)
