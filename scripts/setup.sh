@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv with vit_jax and everything the tests and the demo need (idempotent).
+# Also installs Debian's Fashion-MNIST (the demo's real data) when run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+# torch first, from its pinned file: timm would otherwise pull another build (environment notes).
+.venv/bin/pip install -q -r requirements-torch.txt
+.venv/bin/pip install -q -r requirements.txt -r requirements-test.txt
+.venv/bin/pip install -q --no-deps -e .
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
+    >/dev/null 2>&1 || echo "note: could not install dataset-fashion-mnist (the demo needs it)"
+fi
+echo "setup done: $(.venv/bin/python -c 'import jax, flax, torch, timm; print("jax", jax.__version__, "flax", flax.__version__, "torch", torch.__version__, "timm", timm.__version__)')"

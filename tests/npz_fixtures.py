@@ -1,0 +1,67 @@
+"""Writes `.npz` files with the exact key layout of the published Google ViT checkpoints.
+
+The key list is written out here from the published layout (docs: checkpoint_formats.md §1.2),
+independently of vit_jax's model code, so loading it tests the loader rather than restating it.
+Values are random with realistic scales (kernels ~ N(0, 1/fan_in), LayerNorm scales 1 +- 0.2,
+nonzero biases and head), so a wrong transpose or a GELU mismatch shows in the logits.
+"""
+
+import numpy as np
+
+
+def google_vit_arrays(*, hidden: int, mlp: int, heads: int, layers: int, patch: int, grid: int,
+                      num_classes: int, pre_logits: bool = False, zero_head: bool = False,
+                      classifier: str = "token", seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  f32 = np.float32
+
+  def kernel(*shape, fan_in):
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(f32)
+
+  def vec(n, scale=0.2, center=0.0):
+    return (center + scale * rng.standard_normal(n)).astype(f32)
+
+  hd = hidden // heads
+  tokens = grid * grid + (1 if classifier == "token" else 0)
+  a = {
+      "embedding/kernel": kernel(patch, patch, 3, hidden, fan_in=patch * patch * 3),
+      "embedding/bias": vec(hidden),
+      "Transformer/posembed_input/pos_embedding": vec((1, tokens, hidden), 0.5),
+      "Transformer/encoder_norm/scale": vec(hidden, 0.2, 1.0),
+      "Transformer/encoder_norm/bias": vec(hidden),
+  }
+  if classifier == "token":
+    a["cls"] = vec((1, 1, hidden), 0.5)
+  for i in range(layers):
+    b = f"Transformer/encoderblock_{i}/"
+    for ln in ("LayerNorm_0", "LayerNorm_2"):
+      a[b + ln + "/scale"] = vec(hidden, 0.2, 1.0)
+      a[b + ln + "/bias"] = vec(hidden)
+    for n in ("query", "key", "value"):
+      a[b + f"MultiHeadDotProductAttention_1/{n}/kernel"] = kernel(hidden, heads, hd, fan_in=hidden)
+      a[b + f"MultiHeadDotProductAttention_1/{n}/bias"] = vec((heads, hd))
+    a[b + "MultiHeadDotProductAttention_1/out/kernel"] = kernel(heads, hd, hidden, fan_in=hidden)
+    a[b + "MultiHeadDotProductAttention_1/out/bias"] = vec(hidden)
+    a[b + "MlpBlock_3/Dense_0/kernel"] = kernel(hidden, mlp, fan_in=hidden)
+    a[b + "MlpBlock_3/Dense_0/bias"] = vec(mlp)
+    a[b + "MlpBlock_3/Dense_1/kernel"] = kernel(mlp, hidden, fan_in=mlp)
+    a[b + "MlpBlock_3/Dense_1/bias"] = vec(hidden)
+  if pre_logits:
+    a["pre_logits/kernel"] = kernel(hidden, hidden, fan_in=hidden)
+    a["pre_logits/bias"] = vec(hidden)
+  if num_classes:
+    a["head/kernel"] = (np.zeros((hidden, num_classes), f32) if zero_head
+                        else kernel(hidden, num_classes, fan_in=hidden))
+    a["head/bias"] = np.zeros(num_classes, f32) if zero_head else vec(num_classes)
+  return a
+
+
+# The real ViT-B/16 ImageNet-21k file: 202 arrays, pre_logits, zeroed 21843-class head.
+B16_IN21K = dict(hidden=768, mlp=3072, heads=12, layers=12, patch=16, grid=14, num_classes=21843,
+                 pre_logits=True, zero_head=True)
+TINY = dict(hidden=32, mlp=64, heads=4, layers=2, patch=8, grid=4, num_classes=5)
+
+
+def write_npz(path, arrays: dict[str, np.ndarray]) -> str:
+  np.savez(path, **arrays)
+  return str(path)

@@ -1,0 +1,100 @@
+"""Model presets: golden parameter counts, shapes, dtypes, classifier variants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+
+
+def _count(name, num_classes, image_size=224, **overrides):
+  model = models.get_model(name, num_classes, **overrides)
+  x = jnp.zeros((1, image_size, image_size, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
+# google-research/vision_transformer models_test.py values (1000 classes, 224 px).
+GOLDEN = {
+    "ViT-Ti_16": 5_717_416, "ViT-S_16": 22_050_664, "ViT-S_32": 22_878_952,
+    "ViT-B_16": 86_567_656, "ViT-B_32": 88_224_232, "ViT-B_8": 86_576_872,
+    "ViT-L_16": 304_326_632, "ViT-L_32": 306_535_400, "ViT-H_14": 632_045_800,
+    "ViT-S_16-gap-norep": 22_049_896, "ViT-B_16-gap-norep": 86_566_120, "testing": 21_390,
+    "ViT-tiny_4": 469_032,
+}
+
+
+def test_every_preset_has_a_golden_count():
+  assert set(models.MODEL_CONFIGS) == set(GOLDEN)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_parameter_count(name):
+  assert _count(name, 1000) == GOLDEN[name]
+
+
+def test_in21k_b16_with_pre_logits_count():
+  assert _count("ViT-B_16", 21843, representation_size=768) == 103_186_515
+
+
+def test_forward_shape_and_float32_logits_with_bfloat16_compute():
+  model = models.get_model("testing", 7, dtype=jnp.bfloat16)
+  x = jnp.zeros((2, 32, 32, 3))
+  params = model.init(jax.random.key(0), x, train=False)["params"]
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32  # parameters stay float32
+  out = model.apply({"params": params}, x, train=False)
+  assert out.shape == (2, 7) and out.dtype == jnp.float32
+
+
+def test_num_classes_zero_returns_features():
+  model = models.get_model("testing", 0)
+  x = jnp.zeros((2, 32, 32, 3))
+  params = model.init(jax.random.key(0), x, train=False)["params"]
+  assert "head" not in params
+  assert model.apply({"params": params}, x).shape == (2, 10)
+
+
+def test_gelu_switch_changes_the_function():
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  tanh = models.get_model("testing", 4, head_bias_init=0.0)
+  params = tanh.init(jax.random.key(0), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.3, params)  # nonzero head so logits differ
+  exact = models.get_model("testing", 4, gelu_approximate=False)
+  a = tanh.apply({"params": params}, x)
+  b = exact.apply({"params": params}, x)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-6
+
+
+def test_train_mode_dropout_and_stochastic_depth_need_an_rng_and_differ():
+  model = models.get_model("ViT-tiny_4", 0, stochastic_depth=0.5)  # features: head is zeros
+  x = jnp.ones((4, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+  b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+  c = model.apply({"params": params}, x, train=False)
+  assert not np.allclose(a, b) and np.allclose(c, model.apply({"params": params}, x))
+
+
+def test_remat_gives_the_same_function():
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  plain, remat = models.get_model("testing", 3), models.get_model("testing", 3, remat=True)
+  params = plain.init(jax.random.key(0), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.1, params)
+  np.testing.assert_allclose(plain.apply({"params": params}, x),
+                             remat.apply({"params": params}, x), atol=1e-6)
+
+
+def test_unknown_model_name_and_field_are_clear_errors():
+  with pytest.raises(ValueError, match="Unknown model_name 'ViT-X'"):
+    models.get_model("ViT-X", 10)
+  with pytest.raises(ValueError, match="Unknown model field"):
+    models.get_model("testing", 10, hiden_size=3)
+
+
+def test_metadata_round_trip_rebuilds_the_same_model():
+  model = models.get_model("ViT-tiny_4", 3, gelu_approximate=False)
+  meta = models.model_metadata(model, image_size=32, class_names=["a", "b", "c"])
+  rebuilt = models.model_from_metadata(meta)
+  for field in ("patch_size", "hidden_size", "num_layers", "num_classes", "gelu_approximate"):
+    assert getattr(rebuilt, field) == getattr(model, field)
