@@ -1,0 +1,73 @@
+r"""Fine-tune ViT-B/16 (ImageNet-21k) on a folder of shoe photos, one sub-folder per shoe model.
+
+The data: `data/shoes/{train,test}/<shoe model>/*.jpg`, or `data/shoes/<shoe model>/*.jpg` split
+by `test_fraction`. The checkpoint: `checkpoints/ViT-B_16.npz` (see checkpoints/README.md).
+
+  python -m vit_jax.main --config=configs/shoes.py --workdir=workdirs/shoes \
+      --config.dataset=/path/to/shoes
+
+Variants (`--config=configs/shoes.py:ARG`, comma-separated):
+  b16 (default), ti16, s16, b32, l16     the model
+  224 (default), 384                     the resolution
+  quick                                  a short schedule (200 steps, batch 64) for a first look
+  fmnist                                 the Fashion-MNIST footwear classes instead of a folder
+  demo                                   the offline demo: fine-tunes the small ViT pretrained on the
+                                         other Fashion-MNIST classes (configs/pretrain_fmnist.py)
+
+Expected: the paper's recipe (SGD momentum, lr 0.03 cosine, batch 512, 384 px) fine-tunes ViT-B/16
+to 97-99% on clean product-photo sets; the `demo` variant's measured result is in the README.
+"""
+
+import ml_collections
+
+from configs import common
+
+_MODELS = {"ti16": "ViT-Ti_16", "s16": "ViT-S_16", "b16": "ViT-B_16", "b32": "ViT-B_32",
+           "l16": "ViT-L_16"}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = [a for a in arg.split(",") if a]
+  unknown = set(args) - set(_MODELS) - {"224", "384", "quick", "fmnist", "demo"}
+  if unknown:
+    raise ValueError(f"configs/shoes.py: unknown argument(s) {sorted(unknown)}; see its docstring")
+  config = common.with_dataset(common.get_config(), "shoes")
+  config.model_name = next((_MODELS[a] for a in args if a in _MODELS), "ViT-B_16")
+  config.pp.crop = 384 if "384" in args else 224
+  config.total_steps = 2_000
+  config.warmup_steps = 100
+  config.base_lr = 0.03
+  config.batch = 512
+  config.batch_eval = 512
+  config.accum_steps = 8 if config.pp.crop == 384 else 4  # fits 8x 16 GB accelerators
+  config.eval_every = 200
+  config.checkpoint_every = 200
+  if "quick" in args:
+    config.total_steps, config.warmup_steps, config.batch, config.batch_eval = 200, 20, 64, 64
+    config.accum_steps, config.eval_every, config.checkpoint_every = 1, 50, 50
+  if "fmnist" in args or "demo" in args:
+    common.with_dataset(config, "fashion_mnist_shoes")
+  if "demo" in args:
+    _demo(config)
+  config.lock()
+  return config
+
+
+def _demo(config: ml_collections.ConfigDict) -> None:
+  """Offline demo: a small ViT pretrained on the 7 non-footwear Fashion-MNIST classes."""
+  config.model_name = "ViT-tiny_4"
+  config.pretrained_path = "checkpoints/ViT-tiny_4-fmnist.npz"
+  config.pp.crop = 32  # pretrained at 28 px (7x7 patches): the position grid is resized to 8x8
+  config.pp.inception_crop = False
+  config.optimizer = "adamw"
+  config.optim_dtype = "float32"
+  config.weight_decay = 0.05
+  config.base_lr = 1e-3
+  config.total_steps = 1_500
+  config.warmup_steps = 100
+  config.batch = 128
+  config.batch_eval = 512
+  config.accum_steps = 1
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.progress_every = 50
