@@ -12,6 +12,7 @@ import re
 import zipfile
 from typing import Any, Iterable, Mapping, Optional
 
+import jax
 import ml_dtypes
 import numpy as np
 import scipy.ndimage
@@ -215,3 +216,50 @@ def load_metadata(path: str) -> dict[str, Any]:
     return {}
   with open(meta_path) as f:
     return json.load(f)
+
+
+def _orbax_params(step_dir: str) -> dict[str, Any]:
+  """The `params` of a training checkpoint step folder, as numpy on the host (any topology)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (only this path needs it)
+  item = os.path.join(step_dir, "default")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(item).item_metadata.tree
+  if "params" not in tree:
+    raise CheckpointError(f"{step_dir}: an orbax checkpoint without 'params'")
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+  out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+      item={"params": tree["params"]}, restore_args={"params": restore_args},
+      partial_restore=True))
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), out["params"])
+
+
+def load_for_inference(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, metadata) from an `.npz`, a training workdir, or an orbax step folder.
+
+  A workdir gives its exported `params.npz` when the run finished, else its latest checkpoint.
+  Metadata (model, image size, class names) comes from the JSON beside the `.npz` or the run's
+  `run.json`; it is {} for an original Google file.
+  """
+  path = os.fspath(path).rstrip("/")
+  if os.path.isfile(path):
+    return load(path), load_metadata(path)
+  if os.path.isfile(os.path.join(path, "params.npz")):
+    npz = os.path.join(path, "params.npz")
+    return load(npz), load_metadata(npz)
+  workdir, step_dir = path, None
+  if os.path.basename(path).isdigit():
+    step_dir, workdir = path, os.path.dirname(os.path.dirname(path))
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    steps = sorted(int(d) for d in os.listdir(os.path.join(path, "checkpoints")) if d.isdigit())
+    if steps:
+      step_dir = os.path.join(path, "checkpoints", str(steps[-1]))
+  if step_dir is None or not os.path.isdir(os.path.join(step_dir, "default")):
+    raise CheckpointError(f"{path}: not a checkpoint: expected an .npz file, a training workdir "
+                          "(with params.npz or checkpoints/), or an orbax step folder")
+  meta = {}
+  run_json = os.path.join(workdir, "run.json")
+  if os.path.isfile(run_json):
+    with open(run_json) as f:
+      meta = {k: v for k, v in json.load(f).items() if k != "config"}
+  logging.info("load_for_inference: %s", step_dir)
+  return _orbax_params(step_dir), meta

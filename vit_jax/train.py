@@ -143,7 +143,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: Callable, co
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates),
                      opt_state=opt_state)
-    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads),
+    return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads),
                            lr=lr_fn(state["step"]))
 
   return train_step

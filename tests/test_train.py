@@ -1,0 +1,235 @@
+"""Training end to end on 8 fake CPU devices, the `testing` model and a generated image folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import testing as testing_config
+from tests import npz_fixtures
+from vit_jax import checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """3 colour classes, 24 train and 7 test JPEGs each (7 * 3 = 21: eval has a remainder)."""
+  root = tmp_path_factory.mktemp("colours")
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 24), ("test", 7)):
+    for name, colour in COLORS.items():
+      os.makedirs(root / split / name)
+      for i in range(n):
+        pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 40, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.jpg")
+  return str(root)
+
+
+def _config(folder, **overrides):
+  config = testing_config.get_config()
+  config.unlock()
+  config.dataset = folder
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _run(tmp_path, folder, name, **overrides):
+  workdir = str(tmp_path / name)
+  summary = train.train_and_evaluate(_config(folder, **overrides), workdir)
+  return workdir, summary
+
+
+def _params(workdir):
+  return checkpoint.load(os.path.join(workdir, "params.npz"))
+
+
+def _assert_same_params(a, b, atol):
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), _params(a), _params(b))
+  assert max(jax.tree.leaves(diffs)) <= atol
+
+
+@pytest.fixture(scope="module")
+def jit_run(tmp_path_factory, folder):
+  return _run(tmp_path_factory.mktemp("runs"), folder, "jit")
+
+
+def _steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_training_lowers_the_loss(jit_run):
+  losses = [m["train_loss"] for m in _metrics(jit_run[0]) if "train_loss" in m]
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_checkpoints_at_exactly_the_configured_cadence(jit_run):
+  assert _steps(jit_run[0]) == [4, 8, 12]
+
+
+def test_evaluation_counts_every_test_example_once(jit_run):
+  evals = [m for m in _metrics(jit_run[0]) if "test_count" in m]
+  assert [m["step"] for m in evals] == [6, 12]
+  assert all(m["test_count"] == 21 for m in evals)  # batch_eval 16: a padded remainder
+
+
+def test_run_exports_the_original_format_with_class_names(jit_run):
+  workdir, summary = jit_run
+  assert checkpoint.load_metadata(os.path.join(workdir, "params.npz"))["class_names"] == sorted(
+      COLORS)
+  with np.load(os.path.join(workdir, "params.npz")) as npz:
+    assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in npz.files
+  assert summary["step"] == 12 and summary["test_accuracy"] > 0.9
+
+
+def test_tensorboard_events_are_written(jit_run):
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(jit_run[0]))
+
+
+def test_pmap_and_jit_give_the_same_parameters(tmp_path, folder, jit_run):
+  pmap_dir, _ = _run(tmp_path, folder, "pmap", parallelism="pmap")
+  _assert_same_params(pmap_dir, jit_run[0], atol=1e-5)
+
+
+def test_fsdp_gives_the_same_parameters_as_data_parallel(tmp_path, folder, jit_run):
+  fsdp_dir, _ = _run(tmp_path, folder, "fsdp", fsdp=True)
+  _assert_same_params(fsdp_dir, jit_run[0], atol=1e-5)
+
+
+def test_fsdp_shards_large_parameters_over_the_data_axis():
+  from vit_jax import sharding
+  mesh = sharding.make_mesh()
+  tree = {"big": jax.ShapeDtypeStruct((768, 3072), np.float32),
+          "small": jax.ShapeDtypeStruct((768,), np.float32)}
+  s = sharding.state_shardings(tree, mesh, fsdp=True)
+  assert s["big"].spec == jax.sharding.PartitionSpec(None, "data")
+  assert s["small"].spec == jax.sharding.PartitionSpec()
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path, folder, jit_run):
+  accum_dir, _ = _run(tmp_path, folder, "accum", accum_steps=4)
+  _assert_same_params(accum_dir, jit_run[0], atol=1e-5)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, folder):
+  with pytest.raises(train.TrainingDiverged, match=r"diverged at step \d+"):
+    _run(tmp_path, folder, "nan", base_lr=1e30, warmup_steps=0, progress_every=1)
+
+
+def test_pretrained_npz_at_a_new_resolution_and_class_count(tmp_path, folder):
+  # The `testing` architecture saved as an in21k file: 16 px (grid 1x1), pre_logits, zero head.
+  arrays = npz_fixtures.google_vit_arrays(hidden=10, mlp=10, heads=2, layers=1, patch=16, grid=1,
+                                          num_classes=21843, pre_logits=True, zero_head=True)
+  path = npz_fixtures.write_npz(tmp_path / "testing.npz", arrays)
+  workdir, summary = _run(tmp_path, folder, "pretrained", from_scratch=False,
+                          pretrained_path=path, total_steps=4)
+  assert summary["origin"] == f"pretrained {path}"
+  params = _params(workdir)
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 10)  # 2x2+1
+  assert params["head"]["kernel"].shape == (10, 3) and "pre_logits" not in params
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and pre-emption, with real processes.
+
+def _start(workdir, *args):
+  cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/testing.py",
+         f"--workdir={workdir}", *args]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _wait_for_checkpoint(proc, workdir, min_step, timeout=120):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    ckpts = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpts) and any(int(d) >= min_step for d in os.listdir(ckpts) if d.isdigit()):
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+  raise TimeoutError(f"no checkpoint >= {min_step} in {workdir}")
+
+
+LONG = ["--config.total_steps=300", "--config.eval_every=1000", "--config.progress_every=5"]
+
+
+def test_sigkill_then_restart_ends_with_the_same_parameters(tmp_path, folder):
+  reference, _ = _run(tmp_path, folder, "uninterrupted", total_steps=300, eval_every=1000,
+                      progress_every=5)
+  workdir = str(tmp_path / "killed")
+  proc = _start(workdir, f"--config.dataset={folder}", *LONG)
+  _wait_for_checkpoint(proc, workdir, 8)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL and max(_steps(workdir)) < 300
+  again = _start(workdir, f"--config.dataset={folder}", *LONG)
+  out, err = again.communicate(timeout=300)
+  assert again.returncode == 0, err[-3000:]
+  assert json.loads(out.strip().splitlines()[-1])["first_step"] >= 8
+  _assert_same_params(workdir, reference, atol=0)
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, folder):
+  workdir = str(tmp_path / "preempted")
+  proc = _start(workdir, f"--config.dataset={folder}", *LONG)
+  _wait_for_checkpoint(proc, workdir, 4)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["preempted"] and summary["step"] < 300
+  assert max(_steps(workdir)) == summary["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configs: one clear message, before any work.
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch=12), "config.batch=12 is not divisible by the 8 devices"),
+    (dict(accum_steps=3), "not divisible by config.accum_steps=3"),
+    (dict(model_name="ViT-X"), "config.model_name='ViT-X' is unknown"),
+    (dict(parallelism="pjit"), "config.parallelism must be 'jit' or 'pmap'"),
+    (dict(pp={"crop": 30}), "config.pp.crop=30 is not a multiple"),
+])
+def test_bad_config_values_are_named(folder, overrides, message):
+  config = _config(folder)
+  for k, v in overrides.items():
+    if isinstance(v, dict):
+      config[k].update(v)
+    else:
+      config[k] = v
+  with pytest.raises(train.ConfigError, match=message):
+    train.validate_config(config)
+
+
+def test_missing_pretrained_file_says_how_to_download_it(folder):
+  config = _config(folder, from_scratch=False, pretrained_dir="/nonexistent")
+  with pytest.raises(train.ConfigError, match=r"(?s)/nonexistent/testing\.npz not found.*wget"):
+    train.pretrained_path(config)
+
+
+def test_cli_reports_a_user_error_in_one_line_without_traceback(tmp_path, folder):
+  proc = _start(str(tmp_path / "bad"), f"--config.dataset={folder}", "--config.batch=12")
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  assert "error: config.batch=12 is not divisible" in err and "Traceback" not in err
