@@ -18,3 +18,8 @@ except ImportError:
   pass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
+
+import tempfile  # noqa: E402
+
+# The input pipeline caches image checks per folder; keep the tests' caches out of ~/.cache.
+os.environ.setdefault("VIT_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="vit_jax_test_cache_"))
