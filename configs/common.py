@@ -47,6 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
       gelu_approximate=config_dict.placeholder(bool),
       dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
       remat=False,  # rematerialise each encoder block (trade compute for memory)
+      # what a rematerialised block keeps: models_vit.REMAT_POLICIES, least memory first
+      remat_policy="nothing_saveable",
+      # attention kernel: "" (XLA's) or "cudnn" (fused flash attention on NVIDIA GPUs: +27 % ViT-B/16
+      # training images/s on an H100, docs/BENCHMARKS.md)
+      attention_impl="",
   ))
 
   # --- Initialisation: the resume ladder is workdir > resume > pretrained > scratch ---------

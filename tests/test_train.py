@@ -10,28 +10,19 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import testing as testing_config
 from tests import npz_fixtures
+from tests.image_folders import COLORS, write_colour_folder
 from vit_jax import checkpoint, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   """3 colour classes, 24 train and 7 test JPEGs each (7 * 3 = 21: eval has a remainder)."""
-  root = tmp_path_factory.mktemp("colours")
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 24), ("test", 7)):
-    for name, colour in COLORS.items():
-      os.makedirs(root / split / name)
-      for i in range(n):
-        pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 40, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.jpg")
-  return str(root)
+  return write_colour_folder(tmp_path_factory.mktemp("colours"))
 
 
 def _config(folder, **overrides):
@@ -212,6 +203,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, folder):
     (dict(model_name="ViT-X"), "config.model_name='ViT-X' is unknown"),
     (dict(parallelism="pjit"), "config.parallelism must be 'jit' or 'pmap'"),
     (dict(pp={"crop": 30}), "config.pp.crop=30 is not a multiple"),
+    (dict(model={"remat_policy": "all"}), "config.model.remat_policy must be one of"),
+    (dict(model={"attention_impl": "flash"}), "config.model.attention_impl must be ''"),
 ])
 def test_bad_config_values_are_named(folder, overrides, message):
   config = _config(folder)
@@ -222,6 +215,15 @@ def test_bad_config_values_are_named(folder, overrides, message):
       config[k] = v
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(config)
+
+
+def test_model_kernel_options_reach_the_model(folder):
+  config = _config(folder, **{"model.remat": True, "model.remat_policy": "dots_saveable",
+                              "model.attention_impl": "cudnn"})
+  model = train.create_model(config, 3)
+  assert (model.remat, model.remat_policy, model.attention_impl) == (True, "dots_saveable",
+                                                                     "cudnn")
+  assert train.create_model(_config(folder), 3).attention_impl is None  # XLA's attention
 
 
 def test_missing_pretrained_file_says_how_to_download_it(folder):

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint, input_pipeline, metrics, models, optim, sharding
+from vit_jax import checkpoint, input_pipeline, metrics, models, models_vit, optim, sharding
 
 State = dict[str, Any]  # {'step': int32 scalar, 'params': tree, 'opt_state': tree}
 PMAP_AXIS = "batch"
@@ -61,6 +61,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"config.decay_type must be 'cosine' or 'linear', got {config.decay_type!r}")
   need(config.model.dtype in ("float32", "bfloat16"),
        f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+  need(config.model.remat_policy in models_vit.REMAT_POLICIES,
+       f"config.model.remat_policy must be one of {', '.join(models_vit.REMAT_POLICIES)}, got "
+       f"{config.model.remat_policy!r}")
+  need(config.model.attention_impl in ("", "cudnn"),
+       f"config.model.attention_impl must be '' (XLA) or 'cudnn', got "
+       f"{config.model.attention_impl!r}")
   for field in ("total_steps", "batch", "batch_eval", "accum_steps", "eval_every",
                 "checkpoint_every", "progress_every"):
     need(config[field] > 0, f"config.{field} must be positive, got {config[field]}")
@@ -101,7 +107,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       config.model_name, num_classes, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
       representation_size=m.representation_size, classifier=m.classifier,
-      gelu_approximate=m.gelu_approximate, dtype=jnp.dtype(m.dtype), remat=m.remat)
+      gelu_approximate=m.gelu_approximate, dtype=jnp.dtype(m.dtype), remat=m.remat,
+      remat_policy=m.remat_policy, attention_impl=m.attention_impl or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +200,9 @@ def _checkpoint_manager(directory: str, config) -> ocp.CheckpointManager:
 
 def _resume_dir(path: str) -> str:
   """config.resume may name a workdir, its checkpoints/ folder, or one step folder."""
+  path = os.path.normpath(path)
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "default")):
+    return path  # a step folder holds no numbered folders itself: the loop below misses it
   for candidate in (os.path.join(path, "checkpoints"), path):
     if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
       return candidate
@@ -371,8 +381,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("first step (compilation included) took %.1f s", time.time() - t_start)
         progress.start(step)
       stop = preemption.requested
-      if jax.process_count() > 1 and (step % config.progress_every == 0 or stop):
-        stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
+      if jax.process_count() > 1:
+        # The stop (a checkpoint, then the exit) is collective, so every process must take it at
+        # the same step: agree at report steps only, where every process calls the allgather. A
+        # local flag alone would pair one process's allgather with another's at a later step.
+        stop = (step % config.progress_every == 0
+                and bool(multihost_utils.process_allgather(np.array(stop)).any()))
       last = step == config.total_steps or stop
       if step % config.progress_every == 0 or last:
         scalars = check_pending()
