@@ -28,6 +28,19 @@ def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
                       use_fast_variance=False, name=name)
 
 
+# `remat_policy` names -> jax.checkpoint_policies: from least memory (recompute the whole block)
+# to most (keep every matmul output, recompute only elementwise ops).
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
+                  "everything_saveable")
+
+
+def get_remat_policy(name: str) -> Callable:
+  """The jax.checkpoint policy called `name` (one of REMAT_POLICIES)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {name!r}")
+  return getattr(jax.checkpoint_policies, name)
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings (the class slot included) to the token sequence."""
   param_dtype: Dtype = jnp.float32
@@ -37,6 +50,25 @@ class AddPositionEmbs(nn.Module):
     shape = (1, inputs.shape[1], inputs.shape[2])
     pe = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
     return inputs + pe.astype(inputs.dtype)
+
+
+def padded_dot_product_attention(q: Array, k: Array, v: Array, *, implementation: Optional[str],
+                                 multiple: int = 64) -> Array:
+  """`jax.nn.dot_product_attention` with the tokens padded to a multiple of `multiple`.
+
+  cuDNN's fused attention rejects sequence lengths such as ViT's 197 (196 patches + class token);
+  padding to 256 and masking the padded keys with `key_value_seq_lengths` computes exactly the
+  same outputs for the real tokens, which are then sliced back out. [B, T, heads, head_dim].
+  """
+  t = q.shape[1]
+  padded = -(-t // multiple) * multiple
+  if padded == t:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+  lengths = jnp.full((q.shape[0],), t, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), implementation=implementation,
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  return out[:, :t]
 
 
 class MlpBlock(nn.Module):
@@ -66,7 +98,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
   query/key/value kernels are (D, heads, head_dim), out is (heads, head_dim, D), as in the
   checkpoints. Without attention dropout it calls `jax.nn.dot_product_attention`, which XLA fuses
-  (and which uses cuDNN flash attention on GPU when `attention_impl='cudnn'`).
+  (and which uses cuDNN flash attention on GPU when `attention_impl='cudnn'`, with the tokens
+  padded to a multiple of 64 as cuDNN requires).
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -90,6 +123,8 @@ class MultiHeadDotProductAttention(nn.Module):
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
       weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    elif self.attention_impl == "cudnn":
+      out = padded_dot_product_attention(q, k, v, implementation="cudnn")
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype,
@@ -145,6 +180,7 @@ class Encoder(nn.Module):
   gelu_approximate: bool = True
   attention_impl: Optional[str] = None
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -153,7 +189,10 @@ class Encoder(nn.Module):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     # static_argnums=(2,): `deterministic` is a Python bool, not traced.
-    block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    block_cls = Encoder1DBlock
+    if self.remat:
+      block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,),
+                           policy=get_remat_policy(self.remat_policy))
     for i in range(self.num_layers):
       # Stochastic depth grows linearly with depth, 0 for the first block.
       rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
@@ -183,6 +222,8 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   attention_impl: Optional[str] = None
   remat: bool = False
+  # What a rematerialised block keeps for the backward pass: a name in REMAT_POLICIES.
+  remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
   model_name: Optional[str] = None
@@ -204,7 +245,8 @@ class VisionTransformer(nn.Module):
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 stochastic_depth=self.stochastic_depth, gelu_approximate=self.gelu_approximate,
-                attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype,
+                attention_impl=self.attention_impl, remat=self.remat,
+                remat_policy=self.remat_policy, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="Transformer")(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
