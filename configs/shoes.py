@@ -15,7 +15,8 @@ Variants (`--config=configs/shoes.py:ARG`, comma-separated):
                                          other Fashion-MNIST classes (configs/pretrain_fmnist.py)
 
 Expected: the paper's recipe (SGD momentum, lr 0.03 cosine, batch 512, 384 px) fine-tunes ViT-B/16
-to 97-99% on clean product-photo sets; the `demo` variant's measured result is in the README.
+to 97-99% on clean product-photo sets. The `demo` variant (measured, 2 CPU cores, run by
+scripts/demo.sh): 95.7 % on the 3,000 footwear test images in 213 s; 95.7 % from random weights.
 """
 
 import ml_collections
@@ -55,14 +56,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def _demo(config: ml_collections.ConfigDict) -> None:
   """Offline demo: a small ViT pretrained on the 7 non-footwear Fashion-MNIST classes."""
-  config.model_name = "ViT-tiny_4"
-  config.pretrained_path = "checkpoints/ViT-tiny_4-fmnist.npz"
-  config.pp.crop = 32  # pretrained at 28 px (7x7 patches): the position grid is resized to 8x8
+  config.model_name = "ViT-tiny_7"
+  config.pretrained_path = "checkpoints/ViT-tiny_7-fmnist.npz"  # written by scripts/demo.sh
+  config.pp.crop = 28  # pretrained at 21 px: the 3x3 position grid is resized to 4x4
   config.pp.inception_crop = False
+  config.pp.flip = False  # Fashion-MNIST shoes all point left: a flipped shoe never occurs
   config.optimizer = "adamw"
   config.optim_dtype = "float32"
   config.weight_decay = 0.05
-  config.base_lr = 1e-3
+  config.base_lr = 2e-3
   config.total_steps = 1_500
   config.warmup_steps = 100
   config.batch = 128
@@ -70,4 +72,4 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.accum_steps = 1
   config.eval_every = 500
   config.checkpoint_every = 500
-  config.progress_every = 50
+  config.progress_every = 100

@@ -29,6 +29,9 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     # Tiny models for tests: the anchor's `testing` and a slightly wider one that can learn.
     "testing": _vit(16, 10, 10, 2, 1, dropout=0.1),
     "ViT-tiny_4": _vit(4, 64, 256, 4, 4),
+    # ViT-tiny_4 with 7x7 patches: a 28x28 image is 16 tokens, not 49 (about 3x faster on CPU);
+    # the model of the offline Fashion-MNIST demo (configs/pretrain_fmnist.py, shoes.py:demo).
+    "ViT-tiny_7": _vit(7, 64, 256, 4, 4),
 }
 _FIELDS = frozenset(f for f in models_vit.VisionTransformer.__dataclass_fields__
                     if f not in ("parent", "name"))

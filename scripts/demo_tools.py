@@ -1,0 +1,137 @@
+"""Helpers of scripts/demo.sh (not meant to be run by hand).
+
+  demo_tools.py stage FOLDER START_TIME         writes FOLDER/stage.json (seconds, commands, accuracy)
+  demo_tools.py samples FOLDER [FMNIST_DIR]     writes 2 held-out test PNGs per footwear class
+  demo_tools.py show PREDICTIONS_JSON           prints predictions next to the true classes
+  demo_tools.py summary WORKDIR PRETRAINED START_TIME QUICK   writes WORKDIR/summary.json
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Optional
+
+STAGES = ("pretrain", "finetune", "scratch", "predict", "convert")
+SAMPLES_PER_CLASS = 2
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_stage(folder: str, start_time: float) -> dict[str, Any]:
+  """Records a finished stage: wall seconds, its commands, and its training's last evaluation."""
+  with open(os.path.join(folder, "commands.txt")) as f:
+    record: dict[str, Any] = dict(seconds=round(time.time() - start_time, 1),
+                                  commands=f.read().splitlines())
+  metrics = os.path.join(folder, "metrics.jsonl")
+  if os.path.exists(metrics):
+    with open(metrics) as f:
+      evals = [r for r in map(json.loads, f) if "test_accuracy" in r]
+    if evals:
+      record.update(test_accuracy=evals[-1]["test_accuracy"], step=evals[-1]["step"],
+                    test_count=int(evals[-1]["test_count"]))
+  with open(os.path.join(folder, "stage.json"), "w") as f:
+    json.dump(record, f, indent=2)
+  accuracy = f", test accuracy {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+  print(f"== {os.path.basename(folder)}: done in {record['seconds']:.0f} s{accuracy}")
+  return record
+
+
+def _true_class(image_path: str) -> str:
+  """Sample files are named test{index}_{class}.png by `write_samples`."""
+  return pathlib.Path(image_path).stem.split("_", 1)[1].replace("_", " ")
+
+
+def write_samples(folder: str, fashion_mnist_dir: Optional[str] = None) -> None:
+  """Saves the first test images of each footwear class as 28x28 PNGs (held out: test split)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for `configs`
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import shoes  # pylint: disable=g-import-not-at-top
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = shoes.get_config("demo")
+  if fashion_mnist_dir:
+    with config.unlocked():
+      config.fashion_mnist_dir = fashion_mnist_dir
+  info = input_pipeline.get_dataset_info(config)
+  test = info.source.splits["test"]
+  os.makedirs(folder, exist_ok=True)
+  for label, name in enumerate(info.class_names):
+    for index in [i for i, l in enumerate(test.labels) if l == label][:SAMPLES_PER_CLASS]:
+      file_name = f"test{index:04d}_{name.replace(' ', '_')}.png"
+      Image.fromarray(test.data[index]).save(os.path.join(folder, file_name))
+  print(f"wrote {SAMPLES_PER_CLASS * info.num_classes} Fashion-MNIST test images to {folder}")
+
+
+def show_predictions(path: str) -> None:
+  result = _read_json(path)
+  for p in result["predictions"]:
+    best = p["top_k"][0]
+    mark = "ok   " if best["label"] == _true_class(p["image"]) else "WRONG"
+    others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top_k"][1:])
+    print(f"{mark} {os.path.basename(p['image']):<28} -> {best['label']:<10} "
+          f"{best['probability']:.3f}  ({others})")
+  for e in result["errors"]:
+    print(f"error {e['image']}: {e['error']}")
+
+
+def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool) -> None:
+  stages = {name: _read_json(os.path.join(workdir, name, "stage.json")) for name in STAGES
+            if os.path.exists(os.path.join(workdir, name, "stage.json"))}
+  predictions = _read_json(os.path.join(workdir, "predict", "predictions.json"))["predictions"]
+  correct = sum(p["top_k"][0]["label"] == _true_class(p["image"]) for p in predictions)
+  hf_dir = os.path.join(workdir, "convert", "hf")
+  summary = dict(
+      test_accuracy=stages["finetune"]["test_accuracy"],
+      scratch_test_accuracy=stages["scratch"]["test_accuracy"],
+      pretrain_test_accuracy=stages["pretrain"]["test_accuracy"],
+      test_count=stages["finetune"]["test_count"],
+      seconds=round(sum(s["seconds"] for s in stages.values()), 1),
+      stage_seconds={k: s["seconds"] for k, s in stages.items()},
+      wall_seconds_this_run=round(time.time() - start_time, 1),
+      quick=quick,
+      sample_predictions_correct=f"{correct}/{len(predictions)}",
+      paths=dict(
+          pretrained_checkpoint=pretrained,
+          finetuned_npz=os.path.join(workdir, "finetune", "params.npz"),
+          scratch_npz=os.path.join(workdir, "scratch", "params.npz"),
+          samples=os.path.join(workdir, "samples"),
+          predictions=os.path.join(workdir, "predict", "predictions.json"),
+          hf_model=hf_dir if os.path.isdir(hf_dir) else None),
+      commands={k: s["commands"] for k, s in stages.items()})
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  note = " (DEMO_QUICK: a smoke test, not the real numbers)" if quick else ""
+  print(f"\n== Offline demo done: {summary['seconds']:.0f} s in all{note}")
+  print(f"  pretrained, 7 non-footwear classes:      test accuracy "
+        f"{summary['pretrain_test_accuracy']:.4f}")
+  print(f"  fine-tuned on the 3 footwear classes:    test accuracy "
+        f"{summary['test_accuracy']:.4f} ({summary['test_count']} images)")
+  print(f"  same fine-tuning from random weights:    test accuracy "
+        f"{summary['scratch_test_accuracy']:.4f}")
+  print(f"  sample images classified correctly:      {summary['sample_predictions_correct']}")
+  print("Results:")
+  for key, value in summary["paths"].items():
+    print(f"  {key:<22} {value or '(not produced: the converter is not in this checkout)'}")
+  print(f"  {'summary':<22} {os.path.join(workdir, 'summary.json')}")
+
+
+def main(argv: list[str]) -> None:
+  command, args = argv[1], argv[2:]
+  if command == "stage":
+    write_stage(args[0], float(args[1]))
+  elif command == "samples":
+    write_samples(args[0], args[1] if len(args) > 1 else None)
+  elif command == "show":
+    show_predictions(args[0])
+  elif command == "summary":
+    write_summary(args[0], args[1], float(args[2]), args[3] == "1")
+  else:
+    raise SystemExit(f"demo_tools.py: unknown command {command!r}; see its docstring")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
