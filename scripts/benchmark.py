@@ -74,6 +74,8 @@ def make_config(args: argparse.Namespace):
   config.pp.crop = args.image_size
   config.model.dtype = args.dtype
   config.model.remat = args.remat
+  if args.remat_policy:
+    config.model.remat_policy = args.remat_policy
   config.optimizer = args.optimizer
   config.fsdp = args.fsdp
   config.from_scratch = True
@@ -122,13 +124,13 @@ def _clean(value: Any) -> Any:
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
   """Our measurement; with --attention auto, a cuDNN attention failure falls back to XLA's."""
-  from vit_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from vit_jax import benchmark, train  # pylint: disable=g-import-not-at-top
   config = make_config(args)
   attention = benchmark.resolve_attention(args.attention, args.dtype)
 
   def measure(attention_impl):
-    model = benchmark.make_model(config, args.num_classes, attention_impl=attention_impl,
-                                 remat_policy=args.remat_policy)
+    config.model.attention_impl = attention_impl or ""
+    model = train.create_model(config, args.num_classes)
     return benchmark.run_ours(config, model, mode=args.mode, num_classes=args.num_classes,
                               warmup=args.warmup, steps=args.steps, peak_size=args.peak_size)
 
@@ -161,9 +163,9 @@ def timm_child(args: argparse.Namespace) -> dict[str, Any]:
   # (environment.md §4).
   import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from vit_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from vit_jax import benchmark, train  # pylint: disable=g-import-not-at-top
   config = make_config(args)
-  model = benchmark.make_model(config, args.num_classes)
+  model = train.create_model(config, args.num_classes)
   return benchmark.benchmark_timm(
       model, benchmark.initial_params(config, model), config, mode=args.mode, dtype=args.dtype,
       num_classes=args.num_classes, warmup=args.warmup, steps=args.steps,

@@ -175,16 +175,6 @@ def measure_peak_flops(mesh: jax.sharding.Mesh, dtype: str, *, size: Optional[in
 # ---------------------------------------------------------------------------------------------
 # Our model.
 
-def make_model(config: ml_collections.ConfigDict, num_classes: int, *,
-               attention_impl: Optional[str] = None,
-               remat_policy: Optional[str] = None) -> models_vit.VisionTransformer:
-  """The model `train.create_model` builds, with the speed options the config does not carry."""
-  model = train.create_model(config, num_classes)
-  overrides = dict(attention_impl=attention_impl, remat_policy=remat_policy)
-  overrides = {k: v for k, v in overrides.items() if v is not None}
-  return model.clone(**overrides) if overrides else model
-
-
 def resolve_attention(attention: str, dtype: str) -> Optional[str]:
   """'auto' -> cuDNN fused attention on NVIDIA GPUs in bf16 (it needs fp16/bf16), else XLA's."""
   if attention == "auto":
