@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
       # attention kernel: "" (XLA's) or "cudnn" (fused flash attention on NVIDIA GPUs: +27 % ViT-B/16
       # training images/s on an H100, docs/BENCHMARKS.md)
       attention_impl="",
+      # the hybrid ResNet stem, as the original `config.resnet` (the R...+ViT presets set it):
+      # stage depths, e.g. (3, 4, 9) for R50, () for the root alone; root width 64 * width_factor
+      resnet=ml_collections.ConfigDict(dict(num_layers=config_dict.placeholder(tuple),
+                                            width_factor=config_dict.placeholder(float))),
   ))
 
   # --- Initialisation: the resume ladder is workdir > resume > pretrained > scratch ---------

@@ -16,7 +16,8 @@ Variants (`--config=configs/shoes.py:ARG`, comma-separated):
 
 Expected: the paper's recipe (SGD momentum, lr 0.03 cosine, batch 512, 384 px) fine-tunes ViT-B/16
 to 97-99% on clean product-photo sets. The `demo` variant (measured, 2 CPU cores, run by
-scripts/demo.sh): 95.7 % on the 3,000 footwear test images in 213 s; 95.7 % from random weights.
+scripts/demo.sh): 97.0 % on the 3,000 footwear test images in 235 s; 97.5 % from random weights
+(18,000 labelled footwear photos leave pretraining little to add: README, "The offline demo").
 """
 
 import ml_collections
@@ -56,14 +57,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def _demo(config: ml_collections.ConfigDict) -> None:
   """Offline demo: a small ViT pretrained on the 7 non-footwear Fashion-MNIST classes."""
-  config.model_name = "ViT-tiny_7"
-  config.pretrained_path = "checkpoints/ViT-tiny_7-fmnist.npz"  # written by scripts/demo.sh
-  config.pp.crop = 28  # pretrained at 21 px: the 3x3 position grid is resized to 4x4
+  config.model_name = "R+ViT-tiny_8"
+  config.pretrained_path = "checkpoints/R+ViT-tiny_8-fmnist.npz"  # written by scripts/demo.sh
+  config.pp.crop = 32  # pretrained at 24 px: the 3x3 position grid is resized to 4x4
   config.pp.inception_crop = False
   config.pp.flip = False  # Fashion-MNIST shoes all point left: a flipped shoe never occurs
   config.optimizer = "adamw"
   config.optim_dtype = "float32"
   config.weight_decay = 0.05
+  config.label_smoothing = 0.1  # 3 seeds: 97.23-97.33 % with it, 96.67-97.27 % without (GPU sweep)
   config.base_lr = 2e-3
   config.total_steps = 1_500
   config.warmup_steps = 100

@@ -10,7 +10,8 @@
 #                position embeddings resized);
 #   3. scratch   the same fine-tuning from random weights, same budget (--config.from_scratch=True);
 #   4. predict   on 6 held-out test images written as PNG files (python -m vit_jax.predict);
-#   5. convert   the fine-tuned model to Hugging Face transformers (scripts/convert_to_pytorch.py).
+#   5. convert   the fine-tuned model to timm (PyTorch; scripts/convert_to_pytorch.py). The demo's
+#                model has a ResNet stem, which Hugging Face transformers 5 cannot hold.
 # Writes WORKDIR/summary.json. Restartable: a finished stage is skipped, an interrupted training
 # resumes from its last checkpoint in WORKDIR.
 #
@@ -18,16 +19,16 @@
 #   DEMO_QUICK=1           a few training steps per stage (a smoke test of the whole story)
 #   DEMO_FMNIST_DIR=PATH   Fashion-MNIST folder or .npz slice (default: Debian's, then .cache/)
 #   DEMO_PRETRAINED=PATH   where the pretrained .npz is copied (default
-#                          checkpoints/ViT-tiny_7-fmnist.npz; with DEMO_QUICK, inside WORKDIR)
+#                          checkpoints/R+ViT-tiny_8-fmnist.npz; with DEMO_QUICK, inside WORKDIR)
 #   DEMO_SKIP_SETUP=1      never run scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${1:-workdirs/demo}"
 QUICK="${DEMO_QUICK:-0}"
 if [ "$QUICK" = 1 ]; then
-  PRETRAINED="${DEMO_PRETRAINED:-$WORKDIR/checkpoints/ViT-tiny_7-fmnist.npz}"
+  PRETRAINED="${DEMO_PRETRAINED:-$WORKDIR/checkpoints/R+ViT-tiny_8-fmnist.npz}"
 else
-  PRETRAINED="${DEMO_PRETRAINED:-checkpoints/ViT-tiny_7-fmnist.npz}"
+  PRETRAINED="${DEMO_PRETRAINED:-checkpoints/R+ViT-tiny_8-fmnist.npz}"
 fi
 PY=.venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
@@ -145,10 +146,10 @@ predict() {
 }
 stage predict predict
 
-# --- 5. Convert to PyTorch (Hugging Face transformers) ---------------------------------------------
+# --- 5. Convert to PyTorch (timm) ------------------------------------------------------------------
 convert() {
   run "$PY" scripts/convert_to_pytorch.py --checkpoint "$WORKDIR/finetune/params.npz" \
-      --format hf --output "$WORKDIR/convert/hf"
+      --format timm --output "$WORKDIR/convert/timm"
 }
 if [ -f scripts/convert_to_pytorch.py ] && [ -f vit_jax/convert.py ]; then
   stage convert convert

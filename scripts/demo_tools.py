@@ -4,6 +4,9 @@
   demo_tools.py samples FOLDER [FMNIST_DIR]     writes 2 held-out test PNGs per footwear class
   demo_tools.py show PREDICTIONS_JSON           prints predictions next to the true classes
   demo_tools.py summary WORKDIR PRETRAINED START_TIME QUICK   writes WORKDIR/summary.json
+  demo_tools.py few_shot OUT.npz N [FMNIST_DIR]  Fashion-MNIST as an .npz with only the first N
+                                                training images of each footwear class (the test
+                                                split whole): --config.fashion_mnist_dir=OUT.npz
 """
 
 import json
@@ -83,7 +86,7 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
             if os.path.exists(os.path.join(workdir, name, "stage.json"))}
   predictions = _read_json(os.path.join(workdir, "predict", "predictions.json"))["predictions"]
   correct = sum(p["top_k"][0]["label"] == _true_class(p["image"]) for p in predictions)
-  hf_dir = os.path.join(workdir, "convert", "hf")
+  timm_dir = os.path.join(workdir, "convert", "timm")
   summary = dict(
       test_accuracy=stages["finetune"]["test_accuracy"],
       scratch_test_accuracy=stages["scratch"]["test_accuracy"],
@@ -100,7 +103,7 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
           scratch_npz=os.path.join(workdir, "scratch", "params.npz"),
           samples=os.path.join(workdir, "samples"),
           predictions=os.path.join(workdir, "predict", "predictions.json"),
-          hf_model=hf_dir if os.path.isdir(hf_dir) else None),
+          timm_model=timm_dir if os.path.isdir(timm_dir) else None),
       commands={k: s["commands"] for k, s in stages.items()})
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -119,6 +122,23 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
   print(f"  {'summary':<22} {os.path.join(workdir, 'summary.json')}")
 
 
+def write_few_shot(path: str, per_class: int, fashion_mnist_dir: Optional[str] = None) -> None:
+  """The low-data fine-tuning set: where a pretrained start is expected to pay off."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  arrays = input_pipeline._load_fashion_mnist(  # pylint: disable=protected-access
+      input_pipeline._find_fashion_mnist(fashion_mnist_dir or ""))  # pylint: disable=protected-access
+  images, labels = arrays["train"]
+  footwear = [input_pipeline.FASHION_MNIST_CLASSES.index(c) for c in ("Sandal", "Sneaker",
+                                                                        "Ankle boot")]
+  keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in footwear])
+  np.savez(path, x_train=images[keep], y_train=labels[keep], x_test=arrays["test"][0],
+           y_test=arrays["test"][1])
+  print(f"{path}: {len(keep)} training images ({per_class} per footwear class), "
+        f"{len(arrays['test'][1])} test images")
+
+
 def main(argv: list[str]) -> None:
   command, args = argv[1], argv[2:]
   if command == "stage":
@@ -129,6 +149,8 @@ def main(argv: list[str]) -> None:
     show_predictions(args[0])
   elif command == "summary":
     write_summary(args[0], args[1], float(args[2]), args[3] == "1")
+  elif command == "few_shot":
+    write_few_shot(args[0], int(args[1]), args[2] if len(args) > 2 else None)
   else:
     raise SystemExit(f"demo_tools.py: unknown command {command!r}; see its docstring")
 

@@ -65,3 +65,34 @@ TINY = dict(hidden=32, mlp=64, heads=4, layers=2, patch=8, grid=4, num_classes=5
 def write_npz(path, arrays: dict[str, np.ndarray]) -> str:
   np.savez(path, **arrays)
   return str(path)
+
+
+def hybrid_arrays(*, num_layers: tuple[int, ...], width: int, seed: int = 1,
+                  **vit) -> dict[str, np.ndarray]:
+  """A ResNet+ViT hybrid file (checkpoint_formats.md §1.5): the ViT keys with an embedding over
+  the stem's channels, plus `conv_root`, `gn_root` and `block{s}/unit{u}/...`, the GroupNorm
+  parameters stored (1, 1, 1, C) as in the published R_Ti_16 / R50 files."""
+  rng = np.random.default_rng(seed)
+  f32 = np.float32
+  gn = lambda c: {"scale": (1 + 0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32),
+                  "bias": (0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32)}
+  conv = lambda k, cin, cout: rng.standard_normal((k, k, cin, cout)).astype(f32)
+  a = {"conv_root/kernel": conv(7, 3, width)}
+  a.update({f"gn_root/{k}": v for k, v in gn(width).items()})
+  cin = width
+  for s, units in enumerate(num_layers):
+    w = width * 2 ** s
+    for u in range(units):
+      p = f"block{s + 1}/unit{u + 1}/"
+      for r, (k, ci, co) in enumerate(((1, cin, w), (3, w, w), (1, w, 4 * w)), 1):
+        a[f"{p}conv{r}/kernel"] = conv(k, ci, co)
+        a.update({f"{p}gn{r}/{n}": v for n, v in gn(co).items()})
+      if u == 0:
+        a[f"{p}conv_proj/kernel"] = conv(1, cin, 4 * w)
+        a.update({f"{p}gn_proj/{n}": v for n, v in gn(4 * w).items()})
+      cin = 4 * w
+  vit_arrays = google_vit_arrays(**vit)
+  patch, hidden = vit["patch"], vit["hidden"]
+  vit_arrays["embedding/kernel"] = (rng.standard_normal((patch, patch, cin, hidden)) /
+                                    np.sqrt(patch * patch * cin)).astype(f32)
+  return {**a, **vit_arrays}

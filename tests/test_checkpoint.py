@@ -4,6 +4,7 @@ timm's own `.npz` loader is the independent reader: it must read the same fixtur
 the same logits as the Flax model (docs: checkpoint_formats.md §5-§7).
 """
 
+import functools
 import json
 import logging as pylogging
 
@@ -255,12 +256,57 @@ def test_missing_file_and_non_vit_file_are_clear_errors(tmp_path):
     checkpoint.load(other)
 
 
-def test_hybrid_checkpoint_is_refused_clearly(tmp_path):
-  arrays = npz_fixtures.google_vit_arrays(**npz_fixtures.TINY)
-  arrays["conv_root/kernel"] = np.zeros((7, 7, 3, 64), np.float32)
-  path = npz_fixtures.write_npz(tmp_path / "r50.npz", arrays)
-  with pytest.raises(checkpoint.CheckpointError, match="hybrid"):
-    checkpoint.load(path)
+# Hybrids: a root-only stem (as R_Ti_16) and one with bottleneck stages (as R50/R26), 32 px.
+_HYBRIDS = {"root": ((), 1.0, 2), "stages": ((1, 1), 0.5, 1)}  # num_layers, width_factor, patch
+
+
+def _timm_hybrid(num_layers, width_factor, f, num_classes, image_size):
+  """timm's hybrid ViT, its stem built as timm's own `vision_transformer_hybrid._resnetv2`."""
+  from timm.layers import StdConv2dSame  # pylint: disable=g-import-not-at-top
+  from timm.models import resnetv2, vision_transformer_hybrid  # pylint: disable=g-import-not-at-top
+  conv = functools.partial(StdConv2dSame, eps=1e-8)
+  if num_layers:
+    backbone = resnetv2.ResNetV2(layers=list(num_layers), num_classes=0, global_pool="",
+                                 preact=False, stem_type="same", conv_layer=conv,
+                                 width_factor=width_factor)
+  else:
+    backbone = resnetv2.create_resnetv2_stem(3, out_chs=int(64 * width_factor), stem_type="same",
+                                             preact=False, conv_layer=conv)
+  embed = functools.partial(vision_transformer_hybrid.HybridEmbed, backbone=backbone)
+  return _timm_model(f, num_classes, image_size, embed_layer=embed)
+
+
+@pytest.mark.parametrize("stem", sorted(_HYBRIDS))
+def test_hybrid_logits_match_timm(tmp_path, stem):
+  num_layers, width_factor, patch = _HYBRIDS[stem]
+  f = dict(npz_fixtures.TINY, patch=patch)
+  width = int(64 * width_factor)
+  path = npz_fixtures.write_npz(tmp_path / f"{stem}.npz", npz_fixtures.hybrid_arrays(
+      num_layers=num_layers, width=width, **f))
+  params = checkpoint.load(path)
+  assert params["gn_root"]["scale"].shape == (width,)  # stored (1, 1, 1, C)
+  model = _flax_model(f, f["num_classes"],
+                      resnet=dict(num_layers=num_layers, width_factor=width_factor))
+  x = _images(2, 32)
+  flax_out = np.asarray(model.apply({"params": params}, x))
+  timm_model = _timm_load_strict(_timm_hybrid(num_layers, width_factor, f, f["num_classes"], 32),
+                                 path)
+  # timm's GroupNorm epsilon is 1e-5, Flax's 1e-6; its StdConv adds 1e-8 to the variance where
+  # the original adds 1e-5 to the standard deviation (checkpoint_formats.md §2.4).
+  np.testing.assert_allclose(flax_out, _timm_forward(timm_model, x), atol=1e-3, rtol=1e-3)
+
+
+def test_hybrid_load_pretrained_resizes_the_grid_and_keeps_the_stem(tmp_path):
+  f = dict(npz_fixtures.TINY, patch=2, pre_logits=True, zero_head=True)
+  arrays = npz_fixtures.hybrid_arrays(num_layers=(), width=32, **f)
+  path = npz_fixtures.write_npz(tmp_path / "in21k.npz", arrays)
+  model = models.get_model("R+ViT-tiny_8", 3, hidden_size=32, mlp_dim=64, num_layers=2)
+  init = model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)))["params"]  # a 6x6 grid
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init, model_config=model)
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 32)
+  np.testing.assert_array_equal(params["conv_root"]["kernel"], arrays["conv_root/kernel"])
+  np.testing.assert_array_equal(params["gn_root"]["bias"], arrays["gn_root/bias"].reshape(32))
+  assert "pre_logits" not in params and params["head"]["kernel"].shape == (32, 3)
 
 
 def test_checkpoint_of_another_depth_lists_the_keys(tiny_npz):

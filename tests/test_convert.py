@@ -198,6 +198,35 @@ def test_gap_exports_to_timm_not_hf(tmp_path):
     convert.export_hf(flat, meta, str(tmp_path / "hf"))
 
 
+@pytest.mark.parametrize("resnet,patch", [
+    (None, 2),  # the preset's root-only stem (as R_Ti_16)
+    ({"num_layers": (1, 1), "width_factor": 0.5}, 1),  # bottleneck stages (as R50)
+])
+def test_hybrid_exports_to_timm_not_hf(tmp_path, resnet, patch):
+  flat, meta = _make("R+ViT-tiny_8", 32, resnet=resnet, patch_size=patch)
+  assert flat["conv_root/kernel"].shape == (7, 7, 3, 32)
+  images = convert.check_images(2, 32)
+  # The converter's default tolerance: timm's StdConv adds 1e-8 to the variance, the original
+  # adds 1e-5 to the standard deviation (measured: 3.6e-7 root only, 1.2e-5 with stages).
+  diff = _export_and_check(tmp_path, "timm", flat, meta, images,
+                           tolerance=convert.DEFAULT_TOLERANCE)
+  print(f"hybrid {resnet}: max |logit diff| {diff:.3g}")
+  with pytest.raises(convert.ConversionError, match="hybrid.*--format timm"):
+    convert.export_hf(flat, meta, str(tmp_path / "hf"))
+
+
+def test_hybrid_without_metadata_and_at_a_size_timm_cannot_patch(tmp_path):
+  flat, _ = _make("R+ViT-tiny_8", 32, num_classes=3)
+  path = _save_npz(tmp_path, flat)  # no .json: the size follows from grid, patch and stem
+  result = convert.convert(path, str(tmp_path / "timm"), "timm", model_name="R+ViT-tiny_8")
+  assert result.max_abs_diff <= convert.DEFAULT_TOLERANCE
+  with open(tmp_path / "timm" / "config.json") as f:
+    assert json.load(f)["model_args"]["img_size"] == 32
+  flat, meta = _make("R+ViT-tiny_8", 28)  # a 7x7 stem map: 3x3 patches of 2, one row dropped
+  with pytest.raises(convert.ConversionError, match="7x7 feature map.*HybridEmbed"):
+    convert.export_timm(flat, meta, str(tmp_path / "odd"))
+
+
 def test_npz_without_metadata_at_48px(tmp_path):
   flat, _ = _make("testing", 48, num_classes=4)
   path = _save_npz(tmp_path, flat)  # no .json: an original-style file
@@ -296,7 +325,7 @@ def _bad_inputs(tmp_path):
   bare = _save_npz(tmp_path, flat, name="bare.npz")
   return [
       (str(text), {}, "not a readable .npz"),
-      (hybrid, {"model_name": "testing"}, "hybrid"),
+      (hybrid, {"model_name": "testing"}, "no ResNet stem in the model 'testing', one in the file"),
       (bare, {"model_name": "ViT-Ti_16"}, "does not match model 'ViT-Ti_16'"),
       (bare, {}, "pass --model_name"),
       (bare, {"model_name": "testing", "image_size": 64}, "position embeddings are 2x2"),

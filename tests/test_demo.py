@@ -62,11 +62,12 @@ def test_summary_has_every_result(demo):
 
 def test_pretrained_file_has_the_in21k_layout(demo):
   workdir, _ = demo
-  path = os.path.join(workdir, "checkpoints", "ViT-tiny_7-fmnist.npz")
+  path = os.path.join(workdir, "checkpoints", "R+ViT-tiny_8-fmnist.npz")
   params = checkpoint.load(path)
   assert params["pre_logits"]["kernel"].shape == (64, 64)  # representation layer, as in21k
   assert params["head"]["kernel"].shape == (64, 7)  # the 7 non-footwear classes
-  assert checkpoint.load_metadata(path)["image_size"] == 21  # pretrained at low resolution
+  assert checkpoint.load_metadata(path)["image_size"] == 24  # pretrained at low resolution
+  assert params["conv_root"]["kernel"].shape == (7, 7, 3, 32)  # the hybrid's ResNet root
 
 
 def test_finetuned_model_changed_resolution_and_head(demo):
@@ -76,11 +77,11 @@ def test_finetuned_model_changed_resolution_and_head(demo):
   assert "pre_logits" not in params  # dropped by load_pretrained, as for ViT-B_16.npz
   assert params["head"]["kernel"].shape == (64, 3)
   assert meta["class_names"] == FOOTWEAR
-  pretrained = checkpoint.load(os.path.join(workdir, "checkpoints", "ViT-tiny_7-fmnist.npz"))
+  pretrained = checkpoint.load(os.path.join(workdir, "checkpoints", "R+ViT-tiny_8-fmnist.npz"))
   grid = lambda p: p["Transformer"]["posembed_input"]["pos_embedding"].shape[1] - 1
-  assert meta["image_size"] == 28 and grid(params) == 16 > grid(pretrained) == 9  # resized grid
+  assert meta["image_size"] == 32 and grid(params) == 16 > grid(pretrained) == 9  # resized grid
   with open(os.path.join(workdir, "finetune", "run.json")) as f:
-    assert json.load(f)["config"]["pretrained_path"].endswith("ViT-tiny_7-fmnist.npz")
+    assert json.load(f)["config"]["pretrained_path"].endswith("R+ViT-tiny_8-fmnist.npz")
   with open(os.path.join(workdir, "scratch", "run.json")) as f:
     assert json.load(f)["config"]["from_scratch"] is True
 
@@ -97,22 +98,19 @@ def test_predictions_name_the_footwear_classes(demo):
     assert abs(sum(t["probability"] for t in p["top_k"]) - 1.0) < 1e-4  # top 3 of 3 classes
 
 
-def test_huggingface_export_loads(demo):
+def test_timm_export_matches_the_flax_model(demo):
   workdir, _ = demo
-  hf_dir = os.path.join(workdir, "convert", "hf")
-  if not os.path.exists(os.path.join(REPO, "scripts", "convert_to_pytorch.py")):
-    pytest.skip("the converter is not in this checkout")
-  transformers = pytest.importorskip("transformers")
+  timm_dir = os.path.join(workdir, "convert", "timm")
   import torch  # pylint: disable=g-import-not-at-top
-  model = transformers.ViTForImageClassification.from_pretrained(hf_dir)
-  assert [model.config.id2label[i] for i in range(3)] == FOOTWEAR
-  size = model.config.image_size
-  params, meta = checkpoint.load_for_inference(os.path.join(workdir, "finetune", "params.npz"))
-  images = np.stack([predict.preprocess(predict.load_rgb(os.path.join(workdir, "samples", f)),
-                                        size) for f in sorted(os.listdir(
-                                            os.path.join(workdir, "samples")))])
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+  model = convert.load_timm(timm_dir)  # the ResNet stem is timm's, in HybridEmbed
+  assert model.pretrained_cfg["label_names"] == FOOTWEAR
+  size = model.pretrained_cfg["input_size"][-1]
+  samples = os.path.join(workdir, "samples")
+  images = np.stack([predict.preprocess(predict.load_rgb(os.path.join(samples, f)), size)
+                     for f in sorted(os.listdir(samples))])
   with torch.inference_mode():
-    logits = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).logits
+    logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
   flax_probs = predict.Predictor(os.path.join(workdir, "finetune"))(images)
   np.testing.assert_allclose(torch.softmax(logits, -1).numpy(), flax_probs, atol=1e-4)
 
@@ -185,3 +183,12 @@ def test_preprocess_matches_the_eval_pipeline(tmp_path, shape, size):
   got = predict.preprocess(predict.load_rgb(path), size)
   assert got.shape == want.shape == (size, size, 3)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_few_shot_set_keeps_n_footwear_images_per_class(tmp_path):
+  out = str(tmp_path / "few.npz")
+  subprocess.run([sys.executable, os.path.join(REPO, "scripts", "demo_tools.py"), "few_shot", out,
+                  "3", SLICE], check=True, capture_output=True, timeout=120)
+  with np.load(out) as f, np.load(SLICE) as full:
+    assert sorted(f["y_train"].tolist()) == [5, 5, 5, 7, 7, 7, 9, 9, 9]  # Sandal, Sneaker, Boot
+    np.testing.assert_array_equal(f["x_test"], full["x_test"])  # the whole test split

@@ -26,6 +26,12 @@ GOLDEN = {
     # 2 LayerNorms 256 + q/k/v/out 4*(64*64+64) 16,640 + MLP 64*256+256 + 256*64+64 = 33,088 ->
     # 49,984 each; encoder_norm 128; head 64*1000+1000 = 65,000.
     "ViT-tiny_7": 340_200,
+    # Hybrids, from the same models_test.py (R+ViT-Ti_16 is the root alone, then 8x8 patches).
+    "R+ViT-Ti_16": 6_337_704, "R26+ViT-S_32": 36_431_912, "R26+ViT-B_32": 101_383_976,
+    "R50+ViT-B_16": 98_659_112, "R50+ViT-L_32": 328_994_856,
+    # By hand: conv_root 7*7*3*32 = 4,704; gn_root 64; embedding 2*2*32*64+64 = 8,256; cls 64;
+    # position (28*28+1)*64 = 50,240; ViT-tiny_7's 4 blocks 199,936, encoder_norm 128, head 65,000.
+    "R+ViT-tiny_8": 328_392,
 }
 
 
@@ -40,6 +46,18 @@ def test_golden_parameter_count(name):
 
 def test_in21k_b16_with_pre_logits_count():
   assert _count("ViT-B_16", 21843, representation_size=768) == 103_186_515
+
+
+def test_resnet_stem_accepts_the_original_config_dict():
+  # The original configs set `config.resnet` as a ConfigDict; a mapping works the same.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  resnet = ml_collections.ConfigDict(dict(num_layers=(), width_factor=1))
+  assert _count("ViT-Ti_16", 1000, patch_size=8, resnet=resnet) == GOLDEN["R+ViT-Ti_16"]
+
+
+def test_bad_resnet_config_is_a_clear_error():
+  with pytest.raises(ValueError, match="multiple of 32"):
+    models.get_model("R+ViT-tiny_8", 3, resnet=dict(num_layers=(), width_factor=0.25))
 
 
 def test_forward_shape_and_float32_logits_with_bfloat16_compute():

@@ -205,6 +205,9 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, folder):
     (dict(pp={"crop": 30}), "config.pp.crop=30 is not a multiple"),
     (dict(model={"remat_policy": "all"}), "config.model.remat_policy must be one of"),
     (dict(model={"attention_impl": "flash"}), "config.model.attention_impl must be ''"),
+    (dict(model_name="R+ViT-tiny_8", pp={"crop": 28}),
+     r"config.pp.crop=28 is not a multiple of R\+ViT-tiny_8's pixels per token .* 8"),
+    (dict(model={"resnet": {"width_factor": 0.3}}), "config.model.resnet: width_factor 0.3"),
 ])
 def test_bad_config_values_are_named(folder, overrides, message):
   config = _config(folder)
@@ -224,6 +227,13 @@ def test_model_kernel_options_reach_the_model(folder):
   assert (model.remat, model.remat_policy, model.attention_impl) == (True, "dots_saveable",
                                                                      "cudnn")
   assert train.create_model(_config(folder), 3).attention_impl is None  # XLA's attention
+
+
+def test_resnet_stem_override_reaches_the_model(folder):
+  config = _config(folder, model_name="R+ViT-tiny_8", **{"model.resnet.num_layers": (1, 2)})
+  resnet = train.create_model(config, 3).resnet
+  assert (resnet.num_layers, resnet.width_factor) == ((1, 2), 0.5)  # the preset's width kept
+  assert train.create_model(_config(folder), 3).resnet is None  # a plain ViT stays plain
 
 
 def test_missing_pretrained_file_says_how_to_download_it(folder):

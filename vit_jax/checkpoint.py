@@ -33,7 +33,9 @@ _BLOCK = re.compile(r"^encoderblock_\d+$")
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 # Prefixes other producers put in front of the same tree (big_vision, old flax.optim files).
 _PREFIXES = ("params/", "opt/target/")
-_HYBRID_KEYS = ("conv_root/kernel", "gn_root/scale")
+# GroupNorm modules of the hybrid ResNet stem: published files store their scale and bias as
+# (1, 1, 1, C) (vision_transformer #156, flax #1721); the model's are (C,).
+_GROUPNORM = re.compile(r"(^|/)gn(_root|_proj|\d+)/(scale|bias)$")
 
 
 class CheckpointError(ValueError):
@@ -61,7 +63,8 @@ def _to_float(key: str, arr: np.ndarray, path: str) -> np.ndarray:
 
 
 def load_flat(path: str) -> dict[str, np.ndarray]:
-  """Reads an `.npz` into {linen/path: float32 array}, checking that it is a plain ViT file."""
+  """Reads an `.npz` into {linen/path: float32 array}, checking that it is a ViT file (plain or
+  hybrid: the ResNet stem's GroupNorm parameters come back as (C,))."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint file")
@@ -76,13 +79,12 @@ def load_flat(path: str) -> dict[str, np.ndarray]:
   for prefix in _PREFIXES:
     if flat and all(k.startswith(prefix) for k in flat):
       flat = {k[len(prefix):]: v for k, v in flat.items()}
-  if any(k in flat for k in _HYBRID_KEYS):
-    raise CheckpointError(f"{path}: a ResNet+ViT hybrid checkpoint (has 'conv_root'); only plain "
-                          "ViT checkpoints are supported")
   if "embedding/kernel" not in flat:
     raise CheckpointError(f"{path}: not a ViT checkpoint: no 'embedding/kernel' among its "
                           f"{len(flat)} arrays (first keys: {sorted(flat)[:5]})")
   flat = {k: _to_float(k, v, path) for k, v in flat.items()}
+  flat = {k: v.reshape(v.shape[-1:]) if _GROUPNORM.search(k) and v.ndim == 4 and
+          v.shape[:3] == (1, 1, 1) else v for k, v in flat.items()}
   return _rename_blocks(flat, _PRE_LINEN)
 
 

@@ -8,7 +8,9 @@ when the check passes.
   own hub layout (`architecture`, `model_args`, `pretrained_cfg`, `label_names`), so that
   `load_timm(dir)`, `timm.create_model('local-dir:' + dir, pretrained=True)` and
   `timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(
-  file=dir + '/model.safetensors', num_classes=N), **cfg['model_args'])` all load it.
+  file=dir + '/model.safetensors', num_classes=N), **cfg['model_args'])` all load it. A hybrid
+  (ResNet stem) has a timm module as its patch embedding, which no JSON argument describes:
+  `load_timm(dir)` builds it (timm's ResNetV2 stem in `HybridEmbed`).
 * hf: `config.json` (ViTConfig), `model.safetensors` (classic v4 key names, which
   transformers 4.x and 5.x both read) and `preprocessor_config.json` (ViTImageProcessor), so that
   `ViTForImageClassification.from_pretrained(dir)` and `pipeline("image-classification", dir)`
@@ -21,6 +23,7 @@ What cannot be represented is an error, never silently different outputs:
   a trained head after `pre_logits` has no HF equivalent -> error.
 * `classifier='gap'`: HF ViT pools the class token only -> error for hf (timm supports it).
 * No head (num_classes 0): timm exports a feature extractor; hf -> error.
+* A ResNet+ViT hybrid: timm only (transformers 5 has no ViT hybrid).
 
 Nothing here imports TensorFlow; torch, timm and transformers are imported when used.
 Convention: `flat` is {Linen-named '/'-joined path: float32 numpy array} (checkpoint.load_flat).
@@ -44,6 +47,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import models_resnet
 
 Flat = dict[str, np.ndarray]
 FORMATS = ("timm", "hf")
@@ -83,6 +87,22 @@ def _load_input(path: str) -> tuple[Flat, dict[str, Any]]:
   return {k: np.asarray(v).astype(np.float32) for k, v in flat.items()}, dict(metadata or {})
 
 
+def _stem_stride(arch: Mapping[str, Any]) -> int:
+  """Input pixels per feature-map pixel of the hybrid stem; 1 without one."""
+  resnet = models_resnet.resnet_config(arch.get("resnet"))
+  return 1 if resnet is None else resnet.stride
+
+
+def _tokens_per_side(size: int, arch: Mapping[str, Any]) -> int:
+  """Tokens per side for `size` px: through the hybrid stem's SAME convs and pools, then the
+  VALID patch conv."""
+  resnet = models_resnet.resnet_config(arch.get("resnet"))
+  if resnet is not None:
+    for _ in range(2 + max(len(resnet.num_layers) - 1, 0)):  # root conv, pool, strided stages
+      size = -(-size // 2)
+  return size // arch["patch_size"]
+
+
 def _grid_size(flat: Flat, classifier: str, path: str) -> int:
   """Side of the (square) patch grid the position embeddings were trained for."""
   tokens = flat[_POSEMB].shape[1] - (1 if classifier == "token" else 0)
@@ -106,6 +126,7 @@ def _infer_metadata(flat: Flat, path: str, model_name: Optional[str]) -> dict[st
   preset = models.MODEL_CONFIGS[model_name]
   arch = {f: preset[f] for f in ("patch_size", "hidden_size", "mlp_dim", "num_heads",
                                  "num_layers", "classifier")}
+  arch["resnet"] = None if preset["resnet"] is None else preset["resnet"].to_dict()
   rep = flat.get("pre_logits/kernel")
   arch["representation_size"] = None if rep is None else int(rep.shape[-1])
   arch["gelu_approximate"] = True  # how the Google checkpoints were trained (flax's gelu)
@@ -146,9 +167,6 @@ def resolve_metadata(flat: Flat, metadata: Mapping[str, Any], path: str, *,
   embedding grid, the class count from the head, the representation layer from `pre_logits`.
   Missing class names become `LABEL_i` (with a warning). Raises CheckpointError on mismatches.
   """
-  if any(k.startswith(("conv_root/", "gn_root/", "block1/")) for k in flat):
-    raise checkpoint.CheckpointError(f"{path}: a ResNet+ViT hybrid checkpoint: only plain ViT "
-                                     "checkpoints can be converted")
   if "embedding/kernel" not in flat or _POSEMB not in flat:
     raise checkpoint.CheckpointError(f"{path}: not a ViT checkpoint (no embedding/kernel or "
                                      f"{_POSEMB})")
@@ -163,15 +181,22 @@ def resolve_metadata(flat: Flat, metadata: Mapping[str, Any], path: str, *,
   else:
     meta = _infer_metadata(flat, path, model_name)
   arch = meta["architecture"]
+  if any(k.startswith("conv_root/") for k in flat) != bool(arch.get("resnet")):
+    raise checkpoint.CheckpointError(
+        f"{path}: {'a' if arch.get('resnet') else 'no'} ResNet stem in the model "
+        f"{meta.get('model_name')!r}, {'none' if arch.get('resnet') else 'one'} in the file "
+        "(conv_root/kernel): wrong --model_name?")
   grid = _grid_size(flat, arch.get("classifier", "token"), path)
-  size = image_size or meta.get("image_size") or grid * arch["patch_size"]
-  if size // arch["patch_size"] != grid:
+  # Input pixels per token side: the patch, times the hybrid stem's stride.
+  pixels = arch["patch_size"] * _stem_stride(arch)
+  size = image_size or meta.get("image_size") or grid * pixels
+  if _tokens_per_side(size, arch) != grid:
     # Exporting at another resolution would need resampled position embeddings: each library
     # does that differently (checkpoint_formats.md §3), so the converter never does.
     raise checkpoint.CheckpointError(
-        f"{path}: image size {size} gives a {size // arch['patch_size']}x"
-        f"{size // arch['patch_size']} patch grid, the position embeddings are {grid}x{grid} "
-        f"(image size {grid * arch['patch_size']}); export at the trained resolution")
+        f"{path}: image size {size} gives a {_tokens_per_side(size, arch)}x"
+        f"{_tokens_per_side(size, arch)} patch grid, the position embeddings are {grid}x{grid} "
+        f"(image size {grid * pixels}); export at the trained resolution")
   meta["image_size"] = int(size)
   _check_shapes(flat, meta, path)
   num_classes = meta["num_classes"] or 0
@@ -239,7 +264,8 @@ def timm_state_dict(flat: Flat, meta: Mapping[str, Any], path: str = "<params>")
         "cannot represent; use --format hf (exports the backbone with pre_logits as the pooler), "
         "or fine-tune with representation_size=None")
   p = _Params(flat, path)
-  sd = {"patch_embed.proj.weight": _conv(p("embedding/kernel")),
+  sd = _timm_backbone(p, meta["architecture"].get("resnet"))
+  sd |= {"patch_embed.proj.weight": _conv(p("embedding/kernel")),
         "patch_embed.proj.bias": p("embedding/bias"),
         "pos_embed": p(_POSEMB)}
   if meta["architecture"]["classifier"] == "token":
@@ -268,6 +294,46 @@ def timm_state_dict(flat: Flat, meta: Mapping[str, Any], path: str = "<params>")
   return sd
 
 
+def _timm_backbone(p: _Params, resnet: Optional[Mapping[str, Any]]) -> Flat:
+  """The hybrid stem as timm's ResNetV2 names it inside `patch_embed.backbone` (the root alone
+  is timm's stem Sequential; with stages, a ResNetV2 whose stem is `stem`)."""
+  if not resnet:
+    return {}
+  root = "patch_embed.backbone." + ("stem." if resnet["num_layers"] else "")
+  sd = {root + "conv.weight": _conv(p("conv_root/kernel")),
+        root + "norm.weight": p("gn_root/scale"), root + "norm.bias": p("gn_root/bias")}
+  for s, units in enumerate(resnet["num_layers"]):
+    for u in range(units):
+      src, dst = f"block{s + 1}/unit{u + 1}/", f"patch_embed.backbone.stages.{s}.blocks.{u}."
+      for r in (1, 2, 3):
+        sd[f"{dst}conv{r}.weight"] = _conv(p(f"{src}conv{r}/kernel"))
+        sd[f"{dst}norm{r}.weight"] = p(f"{src}gn{r}/scale")
+        sd[f"{dst}norm{r}.bias"] = p(f"{src}gn{r}/bias")
+      if u == 0:
+        sd[f"{dst}downsample.conv.weight"] = _conv(p(f"{src}conv_proj/kernel"))
+        sd[f"{dst}downsample.norm.weight"] = p(f"{src}gn_proj/scale")
+        sd[f"{dst}downsample.norm.bias"] = p(f"{src}gn_proj/bias")
+  return sd
+
+
+def timm_backbone(resnet: Mapping[str, Any]) -> "torch.nn.Module":  # noqa: F821
+  """timm's module for the hybrid stem `resnet` ({num_layers, width_factor}), as timm's own
+  hybrid ViTs build it (`vision_transformer_hybrid._resnetv2`: SAME padding, no pre-activation),
+  with the Flax GroupNorm epsilon (1e-6) so that the outputs match."""
+  _check_import_order()
+  from timm.layers import GroupNormAct, StdConv2dSame  # pylint: disable=g-import-not-at-top
+  from timm.models import resnetv2  # pylint: disable=g-import-not-at-top
+  cfg = models_resnet.resnet_config(resnet)
+  conv = functools.partial(StdConv2dSame, eps=1e-8)
+  norm = functools.partial(GroupNormAct, num_groups=32, eps=1e-6)
+  if not cfg.num_layers:
+    return resnetv2.create_resnetv2_stem(3, out_chs=cfg.width, stem_type="same", preact=False,
+                                         conv_layer=conv, norm_layer=norm)
+  return resnetv2.ResNetV2(layers=list(cfg.num_layers), num_classes=0, global_pool="",
+                           width_factor=cfg.width_factor, preact=False, stem_type="same",
+                           conv_layer=conv, norm_layer=norm)
+
+
 def _timm_architecture(arch: Mapping[str, Any], image_size: int) -> str:
   """The closest registered timm name (only a label: `model_args` fix the architecture)."""
   sizes = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base",
@@ -294,6 +360,13 @@ def timm_model_args(meta: Mapping[str, Any]) -> dict[str, Any]:
   if int(arch["hidden_size"] * mlp_ratio) != arch["mlp_dim"]:  # timm: int(dim * mlp_ratio)
     raise ConversionError(f"mlp_dim {arch['mlp_dim']} is not expressible as a timm mlp_ratio of "
                           f"hidden_size {arch['hidden_size']}")
+  if arch.get("resnet"):
+    side = _tokens_per_side(meta["image_size"], {**arch, "patch_size": 1})  # the stem's map
+    if side % arch["patch_size"]:
+      raise ConversionError(
+          f"image size {meta['image_size']}: the ResNet stem's {side}x{side} feature map is not "
+          f"a multiple of the patch size {arch['patch_size']}, which timm's HybridEmbed "
+          "requires; train at a size where it is")
   gap = arch["classifier"] == "gap"
   return dict(
       img_size=meta["image_size"], patch_size=arch["patch_size"],
@@ -318,7 +391,9 @@ def timm_config(meta: Mapping[str, Any]) -> dict[str, Any]:
           custom_load=False, input_size=[3, size, size], fixed_input_size=True,
           interpolation="bilinear", crop_pct=1.0, crop_mode="center", mean=_MEAN_STD,
           std=_MEAN_STD, num_classes=args["num_classes"], pool_size=None,
-          first_conv="patch_embed.proj", classifier="head"),
+          first_conv="patch_embed.backbone." + ("stem.conv" if (meta["architecture"].get(
+              "resnet") or {}).get("num_layers") else "conv")
+          if meta["architecture"].get("resnet") else "patch_embed.proj", classifier="head"),
       label_names=meta["class_names"] or [],
       vit_jax=dict(model_name=meta.get("model_name"), architecture=meta["architecture"]))
 
@@ -326,6 +401,10 @@ def timm_config(meta: Mapping[str, Any]) -> dict[str, Any]:
 def _hf_outputs(flat: Flat, meta: Mapping[str, Any], path: str) -> str:
   """'logits' (ViTForImageClassification) or 'features' (ViTModel with the pre_logits pooler)."""
   arch = meta["architecture"]
+  if arch.get("resnet"):
+    raise ConversionError(
+        f"{path}: a ResNet+ViT hybrid: transformers {_transformers_version()} has no ViT with a "
+        "ResNet stem that reads this layout (ViTHybrid is gone); use --format timm")
   if arch["classifier"] != "token":
     raise ConversionError(
         f"{path}: classifier '{arch['classifier']}' (global average pooling): Hugging Face ViT "
@@ -345,6 +424,11 @@ def _hf_outputs(flat: Flat, meta: Mapping[str, Any], path: str) -> str:
                   "pooler_output is tanh(pre_logits(cls)); the head is dropped", path,
                   "an all-zero" if head is not None else "no")
   return "features"
+
+
+def _transformers_version() -> str:
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.__version__
 
 
 def hf_state_dict(flat: Flat, meta: Mapping[str, Any], path: str = "<params>") -> Flat:
@@ -468,7 +552,13 @@ def load_timm(model_dir: str) -> "torch.nn.Module":  # noqa: F821
   from timm.models import vision_transformer as timm_vit  # pylint: disable=g-import-not-at-top
   with open(os.path.join(model_dir, CONFIG_FILE)) as f:
     config = json.load(f)
-  model = timm_vit.VisionTransformer(**config["model_args"])
+  args = dict(config["model_args"])
+  resnet = config.get("vit_jax", {}).get("architecture", {}).get("resnet")
+  if resnet:  # a hybrid: the stem is a module, not a JSON argument (see timm_config)
+    from timm.models import vision_transformer_hybrid  # pylint: disable=g-import-not-at-top
+    args["embed_layer"] = functools.partial(vision_transformer_hybrid.HybridEmbed,
+                                            backbone=timm_backbone(resnet))
+  model = timm_vit.VisionTransformer(**args)
   model.load_state_dict(safetensors.torch.load_file(os.path.join(model_dir, WEIGHTS_FILE)),
                         strict=True)
   model.pretrained_cfg = dict(config["pretrained_cfg"], label_names=config.get("label_names"))

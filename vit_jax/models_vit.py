@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax import models_resnet
+
 Array = jax.Array
 Dtype = Any
 
@@ -227,12 +229,18 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
   model_name: Optional[str] = None
+  # The hybrid ResNet stem (models_resnet.ResNetConfig, or a mapping / ConfigDict with
+  # num_layers and width_factor, as the original `config.resnet`); None: patches of the image.
+  resnet: Optional[Any] = None
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     if self.classifier not in ("token", "gap"):
       raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
     x = images.astype(self.dtype)
+    resnet = models_resnet.resnet_config(self.resnet)
+    if resnet is not None:  # patches are then cut from the stem's feature map
+      x = models_resnet.resnet_stem(x, resnet, self.dtype)
     p = self.patch_size
     x = nn.Conv(self.hidden_size, kernel_size=(p, p), strides=(p, p), padding="VALID",
                 dtype=self.dtype, param_dtype=self.param_dtype, name="embedding")(x)

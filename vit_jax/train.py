@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint, input_pipeline, metrics, models, models_vit, optim, sharding
+from vit_jax import (checkpoint, input_pipeline, metrics, models, models_resnet, models_vit, optim,
+                     sharding)
 
 State = dict[str, Any]  # {'step': int32 scalar, 'params': tree, 'opt_state': tree}
 PMAP_AXIS = "batch"
@@ -81,10 +82,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f" is not divisible by config.accum_steps={config.accum_steps}")
   need(config.batch_eval % n == 0,
        f"config.batch_eval={config.batch_eval} is not divisible by the {n} devices")
-  patch = models.MODEL_CONFIGS[config.model_name]["patch_size"]
+  try:
+    resnet = models_resnet.resnet_config(_resnet_override(config) or
+                                         models.MODEL_CONFIGS[config.model_name]["resnet"])
+  except ValueError as e:
+    raise ConfigError(f"config.model.{e}") from None
+  # A hybrid cuts its patches from the stem's feature map: pixels per token = patch * stride.
+  patch = models.MODEL_CONFIGS[config.model_name]["patch_size"] * (resnet.stride if resnet else 1)
   need(config.pp.crop % patch == 0,
-       f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s patch size "
-       f"{patch}")
+       f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s "
+       f"{'patch size' if resnet is None else 'pixels per token (patch x ResNet stride)'} {patch}")
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
@@ -108,7 +115,19 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
       representation_size=m.representation_size, classifier=m.classifier,
       gelu_approximate=m.gelu_approximate, dtype=jnp.dtype(m.dtype), remat=m.remat,
-      remat_policy=m.remat_policy, attention_impl=m.attention_impl or None)
+      remat_policy=m.remat_policy, attention_impl=m.attention_impl or None,
+      resnet=_resnet_override(config))
+
+
+def _resnet_override(config: ml_collections.ConfigDict) -> Optional[dict[str, Any]]:
+  """`config.model.resnet` over the preset's stem; None when neither field is set."""
+  r = config.model.resnet
+  if r.num_layers is None and r.width_factor is None:
+    return None
+  preset = models.MODEL_CONFIGS.get(config.model_name, {}).get("resnet")
+  preset = preset.to_dict() if preset is not None else dict(num_layers=(), width_factor=1.0)
+  return dict(num_layers=preset["num_layers"] if r.num_layers is None else r.num_layers,
+              width_factor=preset["width_factor"] if r.width_factor is None else r.width_factor)
 
 
 # ---------------------------------------------------------------------------------------------
