@@ -296,6 +296,26 @@ def test_hybrid_logits_match_timm(tmp_path, stem):
   np.testing.assert_allclose(flax_out, _timm_forward(timm_model, x), atol=1e-3, rtol=1e-3)
 
 
+def test_r50_b16_in21k_file_loads_for_fine_tuning_and_matches_timm(tmp_path):
+  # The real R50+ViT-B_16.npz (ImageNet-21k) structure: checkpoint_formats.md §1.5 counts 358
+  # arrays and 115,277,971 parameters (pre_logits, zeroed 21,843-class head).
+  f = dict(npz_fixtures.B16_IN21K, patch=1)
+  arrays = npz_fixtures.hybrid_arrays(num_layers=(3, 4, 9), width=64, **f)
+  assert (len(arrays), sum(a.size for a in arrays.values())) == (358, 115_277_971)
+  path = npz_fixtures.write_npz(tmp_path / "R50+ViT-B_16.npz", arrays)
+  model = models.get_model("R50+ViT-B_16", 0)
+  init = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init,
+                                      model_config=model)  # drops pre_logits and the head
+  x = _images(1, 224)
+  feats = np.asarray(model.apply({"params": params}, x))
+  timm_model = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0,
+                                 act_layer="gelu_tanh").eval()
+  timm_model.load_pretrained(path)
+  # timm's GroupNorm / StdConv epsilons differ from the original's (§2.4: 2.6e-4 measured).
+  np.testing.assert_allclose(feats, _timm_forward(timm_model, x), atol=2e-3, rtol=1e-3)
+
+
 def test_hybrid_load_pretrained_resizes_the_grid_and_keeps_the_stem(tmp_path):
   f = dict(npz_fixtures.TINY, patch=2, pre_logits=True, zero_head=True)
   arrays = npz_fixtures.hybrid_arrays(num_layers=(), width=32, **f)
