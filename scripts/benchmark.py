@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error("--remat_policy needs --remat")
   if min(args.steps, args.batch, args.image_size) < 1 or args.warmup < 0:
     parser.error("--steps, --batch and --image_size must be positive, --warmup >= 0")
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  if models.MODEL_CONFIGS.get(args.model_name, {}).get("resnet") is not None:
+    parser.error(f"--model_name {args.model_name}: a ResNet+ViT hybrid; the analytic FLOP count "
+                 "(for the MFU) and the timm twin cover plain ViTs only")
   return args
 
 

@@ -64,6 +64,9 @@ def test_bad_arguments_fail_cleanly():
   proc = subprocess.run([sys.executable, SCRIPT, "--remat_policy", "dots_saveable"],
                         capture_output=True, text=True, timeout=60, cwd=REPO)
   assert proc.returncode == 2 and "--remat_policy needs --remat" in proc.stderr
+  proc = subprocess.run([sys.executable, SCRIPT, "--model_name", "R50+ViT-B_16"],
+                        capture_output=True, text=True, timeout=60, cwd=REPO)
+  assert proc.returncode == 2 and "a ResNet+ViT hybrid" in proc.stderr
 
 
 @pytest.mark.parametrize("name,gflops", [("ViT-B_16", 35.2), ("ViT-Ti_16", 2.5)])
