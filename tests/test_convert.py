@@ -215,6 +215,18 @@ def test_hybrid_exports_to_timm_not_hf(tmp_path, resnet, patch):
     convert.export_hf(flat, meta, str(tmp_path / "hf"))
 
 
+def test_hybrid_that_timm_registers_loads_through_create_model(tmp_path):
+  flat, meta = _make("R+ViT-Ti_16", 224, num_classes=5)
+  convert.export_timm(flat, meta, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["architecture"] == "vit_tiny_r_s16_p8_224"
+  model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+  images = convert.check_images(2, 224)
+  # timm's own hybrid keeps its GroupNorm epsilon (1e-5; load_timm uses Flax's 1e-6).
+  np.testing.assert_allclose(convert.torch_forward(model, images),
+                             convert.flax_forward(flat, meta, images), atol=1e-3, rtol=1e-3)
+
+
 def test_hybrid_without_metadata_and_at_a_size_timm_cannot_patch(tmp_path):
   flat, _ = _make("R+ViT-tiny_8", 32, num_classes=3)
   path = _save_npz(tmp_path, flat)  # no .json: the size follows from grid, patch and stem

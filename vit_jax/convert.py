@@ -10,7 +10,8 @@ when the check passes.
   `timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(
   file=dir + '/model.safetensors', num_classes=N), **cfg['model_args'])` all load it. A hybrid
   (ResNet stem) has a timm module as its patch embedding, which no JSON argument describes:
-  `load_timm(dir)` builds it (timm's ResNetV2 stem in `HybridEmbed`).
+  `load_timm(dir)` builds it (timm's ResNetV2 stem in `HybridEmbed`); the hybrids timm registers
+  (`vit_base_r50_s16_224`, ...) also load through `create_model('local-dir:' + dir)`.
 * hf: `config.json` (ViTConfig), `model.safetensors` (classic v4 key names, which
   transformers 4.x and 5.x both read) and `preprocessor_config.json` (ViTImageProcessor), so that
   `ViTForImageClassification.from_pretrained(dir)` and `pipeline("image-classification", dir)`
@@ -334,17 +335,32 @@ def timm_backbone(resnet: Mapping[str, Any]) -> "torch.nn.Module":  # noqa: F821
                            conv_layer=conv, norm_layer=norm)
 
 
+# timm's registered hybrids (vision_transformer_hybrid.py), by (stem stages, width factor, width,
+# depth, heads, patch): `timm.create_model('local-dir:' + dir)` builds these from the label.
+_TIMM_HYBRIDS = {
+    ((), 1.0, 192, 12, 3, 8): "vit_tiny_r_s16_p8",
+    ((2, 2, 2, 2), 1.0, 384, 12, 6, 1): "vit_small_r26_s32",
+    ((2, 2, 2, 2), 1.0, 768, 12, 12, 1): "vit_base_r26_s32",
+    ((3, 4, 9), 1.0, 768, 12, 12, 1): "vit_base_r50_s16",
+    ((3, 4, 6, 3), 1.0, 1024, 24, 16, 1): "vit_large_r50_s32",
+}
+
+
 def _timm_architecture(arch: Mapping[str, Any], image_size: int) -> str:
-  """The closest registered timm name (only a label: `model_args` fix the architecture)."""
-  sizes = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base",
-           (1024, 24, 16): "large", (1280, 32, 16): "huge"}
-  size = sizes.get((arch["hidden_size"], arch["num_layers"], arch["num_heads"]))
-  if size:
-    for res in (image_size, 224):
-      name = f"vit_{size}_patch{arch['patch_size']}_{res}"
-      if _timm_is_model(name):
-        return name
-  return "vit_base_patch16_224"
+  """The closest registered timm name (only a label: `model_args` fix the architecture; a hybrid
+  that timm does not register loads with `load_timm` only)."""
+  if arch.get("resnet"):
+    resnet = models_resnet.resnet_config(arch["resnet"])
+    prefix = _TIMM_HYBRIDS.get((resnet.num_layers, resnet.width_factor, arch["hidden_size"],
+                                arch["num_layers"], arch["num_heads"], arch["patch_size"]))
+    names = [f"{prefix}_{res}" for res in (image_size, 224)] if prefix else []
+  else:
+    sizes = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base",
+             (1024, 24, 16): "large", (1280, 32, 16): "huge"}
+    size = sizes.get((arch["hidden_size"], arch["num_layers"], arch["num_heads"]))
+    names = [f"vit_{size}_patch{arch['patch_size']}_{res}" for res in (image_size, 224)
+             ] if size else []
+  return next((name for name in names if _timm_is_model(name)), "vit_base_patch16_224")
 
 
 def _timm_is_model(name: str) -> bool:
