@@ -88,12 +88,6 @@ def _load_input(path: str) -> tuple[Flat, dict[str, Any]]:
   return {k: np.asarray(v).astype(np.float32) for k, v in flat.items()}, dict(metadata or {})
 
 
-def _stem_stride(arch: Mapping[str, Any]) -> int:
-  """Input pixels per feature-map pixel of the hybrid stem; 1 without one."""
-  resnet = models_resnet.resnet_config(arch.get("resnet"))
-  return 1 if resnet is None else resnet.stride
-
-
 def _tokens_per_side(size: int, arch: Mapping[str, Any]) -> int:
   """Tokens per side for `size` px: through the hybrid stem's SAME convs and pools, then the
   VALID patch conv."""
@@ -189,7 +183,7 @@ def resolve_metadata(flat: Flat, metadata: Mapping[str, Any], path: str, *,
         "(conv_root/kernel): wrong --model_name?")
   grid = _grid_size(flat, arch.get("classifier", "token"), path)
   # Input pixels per token side: the patch, times the hybrid stem's stride.
-  pixels = arch["patch_size"] * _stem_stride(arch)
+  pixels = arch["patch_size"] * models_resnet.stem_stride(arch.get("resnet"))
   size = image_size or meta.get("image_size") or grid * pixels
   if _tokens_per_side(size, arch) != grid:
     # Exporting at another resolution would need resampled position embeddings: each library

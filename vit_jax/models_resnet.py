@@ -57,6 +57,12 @@ def resnet_config(value: Union[None, ResNetConfig, Mapping[str, Any], Any]
   return cfg
 
 
+def stem_stride(value: Union[None, ResNetConfig, Mapping[str, Any], Any]) -> int:
+  """Input pixels per feature-map pixel of the stem `value` (see resnet_config); 1 without one."""
+  cfg = resnet_config(value)
+  return 1 if cfg is None else cfg.stride
+
+
 def weight_standardize(w: Array, axis: Sequence[int], eps: float) -> Array:
   """Subtracts the mean and divides by the standard deviation (per output channel)."""
   w = w - jnp.mean(w, axis=axis)

@@ -82,13 +82,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f" is not divisible by config.accum_steps={config.accum_steps}")
   need(config.batch_eval % n == 0,
        f"config.batch_eval={config.batch_eval} is not divisible by the {n} devices")
+  resnet = _resnet_override(config) or models.MODEL_CONFIGS[config.model_name]["resnet"]
   try:
-    resnet = models_resnet.resnet_config(_resnet_override(config) or
-                                         models.MODEL_CONFIGS[config.model_name]["resnet"])
+    stride = models_resnet.stem_stride(resnet)
   except ValueError as e:
     raise ConfigError(f"config.model.{e}") from None
   # A hybrid cuts its patches from the stem's feature map: pixels per token = patch * stride.
-  patch = models.MODEL_CONFIGS[config.model_name]["patch_size"] * (resnet.stride if resnet else 1)
+  patch = models.MODEL_CONFIGS[config.model_name]["patch_size"] * stride
   need(config.pp.crop % patch == 0,
        f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s "
        f"{'patch size' if resnet is None else 'pixels per token (patch x ResNet stride)'} {patch}")
