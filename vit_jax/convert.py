@@ -88,14 +88,10 @@ def _load_input(path: str) -> tuple[Flat, dict[str, Any]]:
   return {k: np.asarray(v).astype(np.float32) for k, v in flat.items()}, dict(metadata or {})
 
 
-def _tokens_per_side(size: int, arch: Mapping[str, Any]) -> int:
-  """Tokens per side for `size` px: through the hybrid stem's SAME convs and pools, then the
-  VALID patch conv."""
+def _feature_side(size: int, arch: Mapping[str, Any]) -> int:
+  """Side of what the patch conv sees for `size` px: the image, or the hybrid stem's map."""
   resnet = models_resnet.resnet_config(arch.get("resnet"))
-  if resnet is not None:
-    for _ in range(2 + max(len(resnet.num_layers) - 1, 0)):  # root conv, pool, strided stages
-      size = -(-size // 2)
-  return size // arch["patch_size"]
+  return size if resnet is None else resnet.feature_side(size)
 
 
 def _grid_size(flat: Flat, classifier: str, path: str) -> int:
@@ -185,12 +181,13 @@ def resolve_metadata(flat: Flat, metadata: Mapping[str, Any], path: str, *,
   # Input pixels per token side: the patch, times the hybrid stem's stride.
   pixels = arch["patch_size"] * models_resnet.stem_stride(arch.get("resnet"))
   size = image_size or meta.get("image_size") or grid * pixels
-  if _tokens_per_side(size, arch) != grid:
+  tokens = _feature_side(size, arch) // arch["patch_size"]  # per side: the patch conv is VALID
+  if tokens != grid:
     # Exporting at another resolution would need resampled position embeddings: each library
     # does that differently (checkpoint_formats.md §3), so the converter never does.
     raise checkpoint.CheckpointError(
-        f"{path}: image size {size} gives a {_tokens_per_side(size, arch)}x"
-        f"{_tokens_per_side(size, arch)} patch grid, the position embeddings are {grid}x{grid} "
+        f"{path}: image size {size} gives a {tokens}x{tokens} patch grid, the position "
+        f"embeddings are {grid}x{grid} "
         f"(image size {grid * pixels}); export at the trained resolution")
   meta["image_size"] = int(size)
   _check_shapes(flat, meta, path)
@@ -371,7 +368,7 @@ def timm_model_args(meta: Mapping[str, Any]) -> dict[str, Any]:
     raise ConversionError(f"mlp_dim {arch['mlp_dim']} is not expressible as a timm mlp_ratio of "
                           f"hidden_size {arch['hidden_size']}")
   if arch.get("resnet"):
-    side = _tokens_per_side(meta["image_size"], {**arch, "patch_size": 1})  # the stem's map
+    side = _feature_side(meta["image_size"], arch)
     if side % arch["patch_size"]:
       raise ConversionError(
           f"image size {meta['image_size']}: the ResNet stem's {side}x{side} feature map is not "

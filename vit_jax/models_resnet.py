@@ -29,9 +29,21 @@ class ResNetConfig:
     return int(64 * self.width_factor)
 
   @property
+  def _halvings(self) -> int:
+    """Stride-2 layers: the root conv, its pool, and the first unit of every stage after the
+    first."""
+    return 2 + max(len(self.num_layers) - 1, 0)
+
+  @property
   def stride(self) -> int:
     """Input pixels per feature-map pixel: 4 for the root, then 2 per stage after the first."""
-    return 4 * 2 ** max(len(self.num_layers) - 1, 0)
+    return 2 ** self._halvings
+
+  def feature_side(self, image_size: int) -> int:
+    """Side of the stem's feature map for `image_size` px (SAME padding rounds up)."""
+    for _ in range(self._halvings):
+      image_size = -(-image_size // 2)
+    return image_size
 
   def to_dict(self) -> dict[str, Any]:
     return dict(num_layers=list(self.num_layers), width_factor=self.width_factor)

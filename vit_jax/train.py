@@ -124,10 +124,10 @@ def _resnet_override(config: ml_collections.ConfigDict) -> Optional[dict[str, An
   r = config.model.resnet
   if r.num_layers is None and r.width_factor is None:
     return None
-  preset = models.MODEL_CONFIGS.get(config.model_name, {}).get("resnet")
-  preset = preset.to_dict() if preset is not None else dict(num_layers=(), width_factor=1.0)
-  return dict(num_layers=preset["num_layers"] if r.num_layers is None else r.num_layers,
-              width_factor=preset["width_factor"] if r.width_factor is None else r.width_factor)
+  preset = (models.MODEL_CONFIGS.get(config.model_name, {}).get("resnet") or
+            models_resnet.ResNetConfig())
+  return dict(num_layers=preset.num_layers if r.num_layers is None else r.num_layers,
+              width_factor=preset.width_factor if r.width_factor is None else r.width_factor)
 
 
 # ---------------------------------------------------------------------------------------------
