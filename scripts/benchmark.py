@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "dots_with_no_batch_dims_saveable, dots_saveable, everything_saveable")
   parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                       help="auto: cuDNN fused attention on NVIDIA GPUs with bfloat16, else XLA")
+  parser.add_argument("--cotangent_boundaries", choices=("auto", "on", "off"), default="auto",
+                      help="models_vit.cotangent_boundary before each block (auto: on for CPU)")
   parser.add_argument("--fsdp", action="store_true", help="shard params and optimizer state")
   parser.add_argument("--compare", choices=("timm",), default=None)
   parser.add_argument("--timm_compile", choices=("auto", "on", "off"), default="auto",
@@ -92,7 +94,8 @@ def print_summary(r: dict[str, Any]) -> None:
   g = lambda x: f"{x / 1e9:.4g}" if x else "-"
   print(f"{r['model_name']} {r['mode']}, batch {r['batch']} at {r['image_size']} px, {r['dtype']},"
         f" {r['num_devices']} x {r['device_kind']} ({r['platform']}), attention {r['attention']}"
-        f"{', remat ' + r['remat_policy'] if r['remat'] else ''}")
+        f"{', remat ' + r['remat_policy'] if r['remat'] else ''}"
+        f"{', cotangent boundaries' if r['cotangent_boundaries'] else ''}")
   print(f"  ours: {r['images_per_sec']:.2f} images/s (step {r['step_time_s']:.4f} s, median of "
         f"{r['steps']}), compile {r['compile_s']:.1f} s")
   print(f"  FLOPs/image: {g(r['flops_per_image'])} G ({r['flops_source']}; XLA "
@@ -135,6 +138,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
   def measure(attention_impl):
     config.model.attention_impl = attention_impl or ""
     model = train.create_model(config, args.num_classes)
+    if args.cotangent_boundaries != "auto":
+      model = model.clone(cotangent_boundaries=args.cotangent_boundaries == "on")
     return benchmark.run_ours(config, model, mode=args.mode, num_classes=args.num_classes,
                               warmup=args.warmup, steps=args.steps, peak_size=args.peak_size)
 

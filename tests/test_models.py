@@ -109,6 +109,35 @@ def test_remat_gives_the_same_function():
                              remat.apply({"params": params}, x), atol=1e-6)
 
 
+def _grad_fn(model, x):
+  def loss(params):
+    # train=True: the dropout masks (same key) are part of what must match.
+    logits = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(logits * jnp.arange(3.0))
+  return jax.jit(jax.grad(loss))
+
+
+def test_cotangent_boundaries_give_the_same_gradients():
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  on = models.get_model("testing", 3, cotangent_boundaries=True)
+  off = models.get_model("testing", 3, cotangent_boundaries=False)
+  params = jax.tree.map(lambda p: p + 0.1, on.init(jax.random.key(0), x)["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _grad_fn(on, x)(params), _grad_fn(off, x)(params))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the boundaries are a CPU fix")
+def test_cotangent_boundaries_are_on_by_default_on_cpu_and_survive_xla():
+  # One conditional per block in the optimised CPU program: if an XLA upgrade folds them away,
+  # the training step silently gets slower again (benchmark numbers in docs/BENCHMARKS.md).
+  x = jnp.zeros((2, 32, 32, 3))
+  default = models.get_model("ViT-tiny_4", 3)
+  params = default.init(jax.random.key(0), x)["params"]
+  count = lambda m: _grad_fn(m, x).lower(params).compile().as_text().count(" conditional(")
+  assert (count(default), count(default.clone(cotangent_boundaries=False))) == (
+      default.num_layers, 0)
+
+
 def test_unknown_model_name_and_field_are_clear_errors():
   with pytest.raises(ValueError, match="Unknown model_name 'ViT-X'"):
     models.get_model("ViT-X", 10)

@@ -431,6 +431,7 @@ def run_ours(config: ml_collections.ConfigDict, model: models_vit.VisionTransfor
       dtype=dtype, num_classes=num_classes, remat=bool(model.remat),
       remat_policy=model.remat_policy if model.remat else None,
       attention=model.attention_impl or "xla", optimizer=config.optimizer,
+      cotangent_boundaries=models_vit.cotangent_boundaries_enabled(model.cotangent_boundaries),
       platform=devices[0].platform, device_kind=devices[0].device_kind,
       num_devices=len(devices), host_cpu=host_cpu(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__,
