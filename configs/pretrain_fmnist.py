@@ -11,7 +11,7 @@ original in21k layout, `pre_logits` included, so `configs/shoes.py:demo` fine-tu
 --config.fashion_mnist_dir=DIR_OR_NPZ.
 
 Expected (measured, 2 CPU cores, one JAX device per core as demo.sh sets): 83.6 % test accuracy
-on the 7,000 non-footwear test images after 1,500 steps, in 121 s.
+on the 7,000 non-footwear test images after 1,500 steps, in 121-131 s.
 """
 
 import ml_collections

@@ -16,7 +16,7 @@ Variants (`--config=configs/shoes.py:ARG`, comma-separated):
 
 Expected: the paper's recipe (SGD momentum, lr 0.03 cosine, batch 512, 384 px) fine-tunes ViT-B/16
 to 97-99% on clean product-photo sets. The `demo` variant (measured, 2 CPU cores, run by
-scripts/demo.sh): 97.0 % on the 3,000 footwear test images in 235 s; 97.5 % from random weights
+scripts/demo.sh): 97.0 % on the 3,000 footwear test images in 235-273 s; 97.5 % from random weights
 (18,000 labelled footwear photos leave pretraining little to add: README, "The offline demo").
 """
 

@@ -49,6 +49,19 @@ def test_train_with_timm():
   assert r["mfu"] == pytest.approx(r["flops_per_image"] * r["images_per_sec"] / r["peak_flops"])
   assert r["timm_execution"] == "eager" and r["timm_compile_error"] is None
   assert r["timm_threads"] == os.cpu_count() and r["timm_device"] == "cpu"
+  assert r["cotangent_boundaries"]  # auto: on for the CPU backend
+
+
+def test_cotangent_boundaries_ab_script():
+  script = os.path.join(REPO, "scripts", "benchmark_boundaries.py")
+  proc = subprocess.run([sys.executable, script, "--model_name", "testing", "--image_size", "32",
+                         "--batch", "8", "--rounds", "1", "--steps", "1"], capture_output=True,
+                        text=True, timeout=300, cwd=REPO, env=dict(os.environ))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (r["model_name"], r["batch"], r["image_size"]) == ("testing", 8, 32)
+  _positive(r, "step_s_off", "step_s_on", "compile_s_off", "compile_s_on")
+  assert r["speedup"] == pytest.approx(r["step_s_off"] / r["step_s_on"])
 
 
 def test_inference_bfloat16_remat():

@@ -50,10 +50,10 @@ def cotangent_boundary(x: Array) -> Array:
   Why: in the backward pass of a pre-LayerNorm stack, the residual stream's gradient at block i is
   a chain of elementwise adds over blocks L-1..i. XLA:CPU's fusion copies that whole chain into
   each of its consumers (the transposes feeding the weight-gradient matmuls), which is quadratic
-  in depth: ~25 % of a ViT-Ti/16 training step on the CPU, and 2-3x the compile time. An
-  optimisation barrier does not stop it (XLA:CPU removes barriers before fusion); a conditional
-  does, so the backward pass routes the gradient through one whose predicate XLA cannot fold.
-  The values are exactly those without it.
+  in depth: 25 % of a ViT-Ti/16 batch-8 training step on the CPU, and half its compile time
+  (docs/BENCHMARKS.md). An optimisation barrier does not stop it (XLA:CPU removes barriers
+  before fusion); a conditional does, so the backward pass routes the gradient through one whose
+  predicate XLA cannot fold. The values are exactly those without it.
   """
   return x
 
