@@ -32,16 +32,19 @@ def main() -> None:
   args = parser.parse_args()
   if min(args.batch, args.image_size, args.rounds, args.steps) < 1:
     parser.error("--batch, --image_size, --rounds and --steps must be positive")
+  import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import benchmark, train  # pylint: disable=g-import-not-at-top
-  config = benchmark_script.make_config(benchmark_script.parse_args(
+  bench_args = benchmark_script.parse_args(
       ["--model_name", args.model_name, "--batch", str(args.batch), "--image_size",
-       str(args.image_size), "--mode", "train"]))
-  model = train.create_model(config, 1000)
+       str(args.image_size), "--mode", "train"])
+  config = benchmark_script.make_config(bench_args)
+  model = train.create_model(config, bench_args.num_classes)
   times, compiles = {False: [], True: []}, {False: [], True: []}
   for r in range(args.rounds):
     for on in ((False, True) if r % 2 == 0 else (True, False)):
       out = benchmark.benchmark_ours(config, model.clone(cotangent_boundaries=on), mode="train",
-                                     num_classes=1000, warmup=1, steps=args.steps)
+                                     num_classes=bench_args.num_classes, warmup=1,
+                                     steps=args.steps)
       times[on] += out["step_times_s"]
       compiles[on].append(out["compile_s"])
       print(f"round {r} boundaries {'on ' if on else 'off'}: steps "
@@ -55,7 +58,7 @@ def main() -> None:
       compile_s_off=statistics.median(compiles[False]),
       compile_s_on=statistics.median(compiles[True]),
       host_cpu=benchmark.host_cpu(), cpu_count=os.cpu_count(),
-      jax_version=__import__("jax").__version__)))
+      jax_version=jax.__version__)))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "testing": _vit(16, 10, 10, 2, 1, dropout=0.1),
     "ViT-tiny_4": _vit(4, 64, 256, 4, 4),
     # ViT-tiny_4 with 7x7 patches: a 28x28 image is 16 tokens, not 49 (about 3x faster on CPU);
-    # the model of the offline Fashion-MNIST demo (configs/pretrain_fmnist.py, shoes.py:demo).
+    # the offline demo's model before R+ViT-tiny_8, and the encoder that one keeps.
     "ViT-tiny_7": _vit(7, 64, 256, 4, 4),
     # The offline demo's model (configs/pretrain_fmnist.py, shoes.py:demo): ViT-tiny_7's encoder
     # after a 32-channel ResNet root (/4), 2x2 patches of its map: 8 px per token, a 32 px image
