@@ -126,12 +126,11 @@ def write_few_shot(path: str, per_class: int, fashion_mnist_dir: Optional[str] =
   """The low-data fine-tuning set: where a pretrained start is expected to pay off."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  arrays = input_pipeline._load_fashion_mnist(  # pylint: disable=protected-access
-      input_pipeline._find_fashion_mnist(fashion_mnist_dir or ""))  # pylint: disable=protected-access
+  from vit_jax import data_sources  # pylint: disable=g-import-not-at-top
+  arrays = data_sources.load_fashion_mnist(data_sources.find_fashion_mnist(fashion_mnist_dir or ""))
   images, labels = arrays["train"]
-  footwear = [input_pipeline.FASHION_MNIST_CLASSES.index(c) for c in ("Sandal", "Sneaker",
-                                                                        "Ankle boot")]
+  footwear = [data_sources.FASHION_MNIST_CLASSES.index(c) for c in ("Sandal", "Sneaker",
+                                                                      "Ankle boot")]
   keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in footwear])
   np.savez(path, x_train=images[keep], y_train=labels[keep], x_test=arrays["test"][0],
            y_test=arrays["test"][1])

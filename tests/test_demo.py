@@ -172,14 +172,14 @@ def test_predict_bad_checkpoint_is_one_line_and_exit_2(tmp_path, bad):
                                         ((300, 200, 4), 64), ((20, 33, 2), 16)])
 def test_preprocess_matches_the_eval_pipeline(tmp_path, shape, size):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax import preprocess as tf_preprocess  # pylint: disable=g-import-not-at-top
   pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
   path = str(tmp_path / "image.png")
   mode = "L" if len(shape) == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[shape[-1]]
   Image.fromarray(pixels, mode).save(path)
   pp = ml_collections.ConfigDict(dict(crop=size, eval_resize=0, bfloat16=False))
-  want = input_pipeline._eval_preprocess(
-      input_pipeline._decode(input_pipeline.tf.io.read_file(path)), pp).numpy()
+  want = tf_preprocess.eval_preprocess(tf_preprocess.decode(tf.io.read_file(path)), pp).numpy()
   got = predict.preprocess(predict.load_rgb(path), size)
   assert got.shape == want.shape == (size, size, 3)
   np.testing.assert_allclose(got, want, atol=1e-5)

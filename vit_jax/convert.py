@@ -114,16 +114,12 @@ def _infer_metadata(flat: Flat, path: str, model_name: Optional[str]) -> dict[st
   if model_name not in models.MODEL_CONFIGS:
     raise checkpoint.CheckpointError(
         f"{path}: unknown --model_name {model_name!r}; known: {', '.join(models.MODEL_CONFIGS)}")
-  preset = models.MODEL_CONFIGS[model_name]
-  arch = {f: preset[f] for f in ("patch_size", "hidden_size", "mlp_dim", "num_heads",
-                                 "num_layers", "classifier")}
-  arch["resnet"] = None if preset["resnet"] is None else preset["resnet"].to_dict()
-  rep = flat.get("pre_logits/kernel")
-  arch["representation_size"] = None if rep is None else int(rep.shape[-1])
-  arch["gelu_approximate"] = True  # how the Google checkpoints were trained (flax's gelu)
-  head = flat.get("head/kernel")
-  return dict(model_name=model_name, num_classes=0 if head is None else int(head.shape[-1]),
-              image_size=None, class_names=None, architecture=arch)
+  rep, head = flat.get("pre_logits/kernel"), flat.get("head/kernel")
+  model = models.get_model(model_name, num_classes=0 if head is None else int(head.shape[-1]))
+  # The file decides the representation layer; gelu as the Google checkpoints were trained.
+  model = model.clone(representation_size=None if rep is None else int(rep.shape[-1]),
+                      gelu_approximate=True)
+  return models.model_metadata(model, image_size=None)  # the resolution: from the file, later
 
 
 def _check_shapes(flat: Flat, meta: Mapping[str, Any], path: str) -> None:

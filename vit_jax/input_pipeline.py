@@ -1,424 +1,30 @@
-"""Input pipelines: image folders, Fashion-MNIST and tfds, as deterministic, resumable tf.data.
-
-Three sources, chosen by `config.dataset`:
-* an image folder, `ROOT/{train,test}/<class>/*` or `ROOT/<class>/*` (split by a hash of each file's
-  path, so the split is stable as files are added);
-* `fashion_mnist`: the Debian IDX files (or a `.npz` slice), held in memory;
-* any other name: a prepared tfds dataset.
+"""Input pipelines: deterministic, resumable tf.data over the sources of `data_sources`.
 
 Training data is a pure function of (config.seed, step). Folder and Fashion-MNIST examples are
 shuffled at the index level with a stateless permutation per epoch, so resuming at step k skips
 k * batch integers, not images. tfds records are shuffled by tf.data with fixed seeds and resumed
-with `skip` on the (still encoded) records. Augmentation is stateless-random, keyed by (seed,
-global element index), so a resumed run augments each example as the uninterrupted run would.
+with `skip` on the (still encoded) records. Augmentation (`preprocess`) is stateless-random, keyed
+by (seed, global element index), so a resumed run augments each example as the uninterrupted run
+would.
 """
 
-import concurrent.futures
-import dataclasses
-import functools
-import gzip
-import hashlib
-import json
 import math
-import os
-import pathlib
 from typing import Any, Callable
 
-from absl import logging
 import jax
 import ml_collections
-import numpy as np
-from PIL import Image
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-try:  # TF must never take the accelerator from JAX.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF was initialised before this import; nothing to do then.
-  pass
+from vit_jax import data_sources
+from vit_jax import preprocess
+# The face of google-research/vision_transformer: `input_pipeline.get_dataset_info(config)`.
+from vit_jax.data_sources import DatasetInfo, get_dataset_info  # pylint: disable=unused-import
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", ".cache/fashion-mnist",
-                      ".cache/fmnist/usr/share/datasets/fashion-mnist")
-SPLITS = ("train", "test")
 _FOREVER = 2**62  # "infinite" bound for tf.data.Dataset.range
-_MAX_LOGGED_BAD_FILES = 20
-
-
-# --- Sources ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Examples:
-  """One split of a source whose examples are addressable by index."""
-  data: np.ndarray  # file paths (str) or images [N, H, W] uint8
-  labels: np.ndarray  # [N] int32
-
-
-@dataclasses.dataclass(frozen=True)
-class _IndexedSource:
-  """An image folder (data = paths) or in-memory arrays (data = pixels)."""
-  splits: dict[str, _Examples]
-  is_files: bool
-
-  def split_size(self, split: str) -> int:
-    return len(self.splits[split].labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TfdsSource:
-  builder: Any  # tfds.core.DatasetBuilder
-  split_names: dict[str, str]  # 'train'/'test' -> tfds split string (config.pp.train / .test)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  class_names: tuple[str, ...]
-  num_examples: dict[str, int]  # {'train': N_train, 'test': N_test}, over all processes
-  # What get_dataset_info found (file lists, arrays, builder), so the pipelines need not redo it.
-  source: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
-
-def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Finds and checks the data of `config.dataset`; every data error surfaces here."""
-  if not config.dataset:
-    raise ValueError("config.dataset is empty: give an image folder, 'fashion_mnist' or a tfds "
-                     "name.")
-  if config.dataset == "fashion_mnist":
-    class_names, source = _fashion_mnist_source(config)
-  elif (os.path.isdir(os.path.expanduser(config.dataset))
-        or config.dataset.startswith(("/", ".", "~"))):
-    class_names, source = _folder_source(config)
-  else:  # tfds names may contain '/' too ("name/config"), so a missing folder ends up here.
-    class_names, source = _tfds_source(config)
-  if isinstance(source, _IndexedSource):
-    num_examples = {split: source.split_size(split) for split in SPLITS}
-  else:
-    num_examples = {split: _tfds_split_size(source.builder, source.split_names[split],
-                                            f"config.pp.{split}")
-                    for split in SPLITS}
-  for split, n in num_examples.items():
-    if n == 0:
-      raise ValueError(f"The {split} split of {config.dataset!r} is empty.")
-  return DatasetInfo(class_names=tuple(class_names), num_examples=num_examples, source=source)
 
 
 def _source(config: ml_collections.ConfigDict, info: DatasetInfo) -> Any:
   return info.source if info.source is not None else get_dataset_info(config).source
-
-
-def _check_split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Folders and Fashion-MNIST know only 'train' and 'test' (no tfds slicing)."""
-  names = {"train": config.pp.train, "test": config.pp.test}
-  for field, name in names.items():
-    if name not in SPLITS:
-      raise ValueError(f"config.pp.{field}={name!r}: {config.dataset!r} has only the splits "
-                       f"'train' and 'test' (slicing like 'train[:90%]' is for tfds datasets).")
-  return names
-
-
-def _select_classes(config: ml_collections.ConfigDict, known: list[str],
-                    where: str) -> tuple[list[str], np.ndarray]:
-  """Applies config.classes: returns the kept names and a map old label -> new label (-1: drop)."""
-  wanted = list(config.classes or known)
-  unknown = [c for c in wanted if c not in known]
-  if unknown:
-    raise ValueError(f"config.classes has unknown class(es) {unknown}; the classes of {where} are: "
-                     f"{known}")
-  if len(set(wanted)) != len(wanted):
-    raise ValueError(f"config.classes lists a class twice: {wanted}")
-  relabel = np.full(len(known), -1, np.int32)
-  for new, name in enumerate(wanted):
-    relabel[known.index(name)] = new
-  return wanted, relabel
-
-
-# --- Image folders ------------------------------------------------------------------------------
-
-
-def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], _IndexedSource]:
-  root = pathlib.Path(config.dataset).expanduser()
-  if not root.is_dir():
-    raise ValueError(f"Dataset folder {root} does not exist (config.dataset={config.dataset!r}).")
-  split_names = _check_split_names(config)
-  has_splits = (root / "train").is_dir() or (root / "test").is_dir()
-  if has_splits:
-    files = {split: _list_class_files(root, root / split) for split in SPLITS}
-    class_names = sorted(files["train"])
-    extra = sorted(set(files["test"]) - set(files["train"]))
-    if extra:
-      raise ValueError(f"Class folder {root / 'test' / extra[0]} has no counterpart in "
-                       f"{root / 'train'} (test classes missing from train: {extra}).")
-    for name in sorted(set(files["train"]) - set(files["test"])):
-      logging.warning("Class %s has no test images in %s.", name, root / "test")
-  else:
-    by_class = _list_class_files(root, root)
-    class_names = sorted(by_class)
-    # A hash of the path, not a seeded permutation: a file keeps its split as files are added.
-    files = {split: {name: [r for r in rels
-                            if (_hash_fraction(r) < config.test_fraction) == (split == "test")]
-                     for name, rels in by_class.items()} for split in SPLITS}
-
-  all_files = [r for split in SPLITS for rels in files[split].values() for r in rels]
-  errors = _check_images(root, all_files)
-  _report_bad_images(root, errors, config.strict_images)
-  found = class_names
-  class_names, relabel = _select_classes(config, found, str(root))
-  for name in class_names:  # A kept class with no readable file is an error, not a skip.
-    by_folder = ({split: files[split].get(name, []) for split in SPLITS} if has_splits
-                 else {"": files["train"][name] + files["test"][name]})
-    for split, rels in by_folder.items():
-      if rels and all(errors[r] is not None for r in rels):
-        raise ValueError(f"No readable image in {root / split / name}.")
-  splits = {}
-  for split in SPLITS:
-    examples = [(r, label) for name, label in zip(found, relabel) if label >= 0
-                for r in files[split].get(name, []) if errors[r] is None]
-    if not examples:
-      raise ValueError(f"The {split} split of {root} is empty" + (
-          "." if has_splits else f" (config.test_fraction={config.test_fraction})."))
-    # Interleave the classes (order by path hash), so that each process's slice is class-balanced.
-    examples.sort(key=lambda e: _hash_fraction(e[0]))
-    splits[split] = _Examples(data=np.array([str(root / r) for r, _ in examples]),
-                              labels=np.array([l for _, l in examples], np.int32))
-  splits = {"train": splits[split_names["train"]], "test": splits[split_names["test"]]}
-  return class_names, _IndexedSource(splits=splits, is_files=True)
-
-
-def _list_class_files(root: pathlib.Path, top: pathlib.Path) -> dict[str, list[str]]:
-  """Returns {class: [image paths relative to root]} for `top/<class>/**`."""
-  if not top.is_dir():
-    raise ValueError(f"Missing split folder {top}: a dataset with a train/ or test/ folder needs "
-                     f"both.")
-  classes = sorted(d.name for d in top.iterdir() if d.is_dir() and not d.name.startswith("."))
-  if not classes:
-    raise ValueError(f"No class folders in {top}: expected {top}/<class name>/<images>.")
-  files = {}
-  for name in classes:
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(top / name):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      rels += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames)
-               if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    if not rels:
-      raise ValueError(f"Class folder {top / name} has no images "
-                       f"(extensions: {', '.join(IMAGE_EXTENSIONS)}).")
-    files[name] = rels
-  return files
-
-
-def _hash_fraction(text: str) -> float:
-  """A fixed pseudo-random number in [0, 1) for `text` (same on every machine and run)."""
-  return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) / 2**32
-
-
-def _image_error(path: str) -> str | None:
-  """Why the pipeline could not use `path`, or None. Cheap: JPEGs are decoded at 1/8 scale."""
-  try:
-    if os.path.getsize(path) == 0:
-      return "empty file"
-    with Image.open(path) as image:
-      image_format = image.format
-      image.draft("RGB", (1, 1))  # JPEG only: still reads every byte, so truncation is caught.
-      image.load()
-    if image_format not in ("JPEG", "MPO", "PNG"):
-      # TF's BMP/GIF/WebP decoders reject some files PIL reads (e.g. 1-bit BMPs): ask TF itself.
-      tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-  except Exception as e:  # pylint: disable=broad-except  # any failure means "unreadable"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-  return None
-
-
-def _cache_dir() -> pathlib.Path:
-  if os.environ.get("VIT_JAX_CACHE_DIR"):
-    return pathlib.Path(os.environ["VIT_JAX_CACHE_DIR"])
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return pathlib.Path(xdg) / "vit_jax"
-
-
-def _check_images(root: pathlib.Path, rels: list[str]) -> dict[str, str | None]:
-  """Returns {rel: error or None}. Verdicts are cached per (path, size, mtime) in a JSON manifest
-  under the cache dir ($VIT_JAX_CACHE_DIR, default ~/.cache/vit_jax), so a second run is instant."""
-  manifest_path = (_cache_dir() / "image_checks" /
-                   f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()[:16]}.json")
-  try:
-    cached = json.loads(manifest_path.read_text())["files"]
-  except (OSError, ValueError, KeyError):
-    cached = {}
-  entries, todo = {}, []
-  for rel in rels:
-    try:
-      stat = os.stat(root / rel)
-    except OSError as e:  # e.g. a broken symlink; -1 keeps it from ever matching the cache
-      entries[rel] = [-1, -1, f"{type(e).__name__}: {e.strerror}"]
-      continue
-    key = [stat.st_size, stat.st_mtime_ns]
-    if rel in cached and cached[rel][:2] == key:
-      entries[rel] = cached[rel]
-    else:
-      entries[rel] = key + [None]
-      todo.append(rel)
-  if todo:
-    logging.info("Checking %d image file(s) under %s.", len(todo), root)
-    workers = min(32, 2 * (os.cpu_count() or 1))  # PIL and TF decoders release the GIL
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-      for rel, error in zip(todo, pool.map(_image_error, [str(root / r) for r in todo])):
-        entries[rel][2] = error
-    try:
-      manifest_path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = manifest_path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_text(json.dumps({"root": str(root.resolve()), "files": entries}))
-      os.replace(tmp, manifest_path)
-    except OSError as e:
-      logging.warning("Could not write the image-check cache %s: %s", manifest_path, e)
-  return {rel: entry[2] for rel, entry in entries.items()}
-
-
-def _report_bad_images(root: pathlib.Path, errors: dict[str, str | None], strict: bool) -> None:
-  bad = sorted(rel for rel, error in errors.items() if error is not None)
-  if not bad:
-    return
-  if strict:
-    raise ValueError(f"Unreadable image {root / bad[0]}: {errors[bad[0]]} ({len(bad)} unreadable "
-                     f"file(s) in all; config.strict_images=False skips them with a warning).")
-  for rel in bad[:_MAX_LOGGED_BAD_FILES]:
-    logging.warning("Skipping unreadable image %s: %s", root / rel, errors[rel])
-  if len(bad) > _MAX_LOGGED_BAD_FILES:
-    logging.warning("... and %d more unreadable images.", len(bad) - _MAX_LOGGED_BAD_FILES)
-  logging.warning("Skipped %d unreadable image file(s) under %s.", len(bad), root)
-
-
-# --- Fashion-MNIST ------------------------------------------------------------------------------
-
-
-def _fashion_mnist_source(config: ml_collections.ConfigDict) -> tuple[list[str], _IndexedSource]:
-  split_names = _check_split_names(config)
-  arrays = _load_fashion_mnist(_find_fashion_mnist(config.fashion_mnist_dir))
-  class_names, relabel = _select_classes(config, list(FASHION_MNIST_CLASSES), "fashion_mnist")
-  splits = {}
-  for split in SPLITS:
-    images, labels = arrays[split_names[split]]
-    labels = relabel[labels]
-    keep = labels >= 0
-    splits[split] = _Examples(data=images[keep], labels=labels[keep])
-  return class_names, _IndexedSource(splits=splits, is_files=False)
-
-
-def _find_fashion_mnist(configured: str) -> str:
-  candidates = [configured] if configured else list(FASHION_MNIST_DIRS)
-  for path in candidates:
-    path = os.path.expanduser(path)
-    if os.path.isfile(path) and path.endswith(".npz"):
-      return path
-    if os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")):
-      return path
-  raise ValueError(
-      f"Fashion-MNIST not found in {', '.join(candidates)}. Install it with `apt-get install "
-      f"dataset-fashion-mnist` (as root), or set --config.fashion_mnist_dir to a folder with its "
-      f"four IDX .gz files or to a .npz with x_train, y_train, x_test, y_test.")
-
-
-@functools.lru_cache(maxsize=2)
-def _load_fashion_mnist(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Returns {'train': (images [N,28,28] uint8, labels [N] int32), 'test': ...}."""
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-      if missing:
-        raise ValueError(f"{path} lacks the array(s) {sorted(missing)}.")
-      out = {s: (f[f"x_{s}"].astype(np.uint8), f[f"y_{s}"].astype(np.int32)) for s in SPLITS}
-  else:
-    out = {s: (_read_idx(os.path.join(path, f"{prefix}-images-idx3-ubyte.gz"), 3),
-               _read_idx(os.path.join(path, f"{prefix}-labels-idx1-ubyte.gz"), 1).astype(np.int32))
-           for s, prefix in (("train", "train"), ("test", "t10k"))}
-  for split, (images, labels) in out.items():
-    if images.ndim != 3 or len(images) != len(labels) or not np.all((labels >= 0) & (labels < 10)):
-      raise ValueError(f"{path}: the {split} images {images.shape} and labels {labels.shape} do "
-                       f"not look like Fashion-MNIST.")
-  return out
-
-
-def _read_idx(path: str, ndim: int) -> np.ndarray:
-  """Reads a gzip IDX file: big-endian magic 0x0000080<ndim>, ndim sizes, then uint8 data."""
-  try:
-    with gzip.open(path, "rb") as f:
-      raw = f.read()
-  except OSError as e:
-    raise ValueError(f"Cannot read {path}: {e}") from e
-  header = 4 * (1 + ndim)
-  magic = int.from_bytes(raw[:4], "big")
-  if magic != 0x800 + ndim or len(raw) < header:
-    raise ValueError(f"{path} is not an IDX file of {ndim} dimension(s) (magic {magic:#x}).")
-  shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-  if len(raw) - header != math.prod(shape):
-    raise ValueError(f"{path} is truncated: header says {shape}, data has {len(raw) - header} "
-                     f"bytes.")
-  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
-
-
-# --- tfds ---------------------------------------------------------------------------------------
-
-
-def _tfds_source(config: ml_collections.ConfigDict) -> tuple[list[str], _TfdsSource]:
-  data_dir = config.tfds_data_dir or None
-  try:
-    builder = tfds.builder(config.dataset, data_dir=data_dir)
-  except ValueError as e:  # includes tfds' DatasetNotFoundError
-    reason = str(e).split(" Available datasets")[0].splitlines()[0][:200]
-    raise ValueError(f"Dataset folder {os.path.abspath(config.dataset)} does not exist, and "
-                     f"config.dataset={config.dataset!r} is no tfds dataset either ({reason})."
-                     ) from e
-  if config.classes:
-    raise ValueError("config.classes is only supported for image folders and fashion_mnist, not "
-                     f"for the tfds dataset {config.dataset!r}.")
-  if not builder.is_prepared():
-    if not config.tfds_download:
-      raise ValueError(
-          f"tfds dataset {config.dataset!r} is not prepared in {builder.data_dir}. Prepare it once "
-          f"with --config.tfds_download=True on a machine with internet access, or point "
-          f"--config.tfds_data_dir at a folder where it is prepared.")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=config.tfds_manual_dir or None))
-  features = builder.info.features
-  if ("image" not in features or "label" not in features
-      or not isinstance(features["label"], tfds.features.ClassLabel)):
-    raise ValueError(f"tfds dataset {config.dataset!r} needs an 'image' and a ClassLabel 'label' "
-                     f"feature; it has {list(features.keys())}.")
-  source = _TfdsSource(builder=builder,
-                       split_names={"train": config.pp.train, "test": config.pp.test})
-  return list(features["label"].names), source
-
-
-def _tfds_split_size(builder: Any, split: Any, field: str = "split") -> int:
-  if not builder.info.splits:  # No split metadata, as under tfds.testing.mock_data: count.
-    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
-  try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"{field}={split!r} is not a split of {builder.name} (its splits: "
-                     f"{list(builder.info.splits)}; slicing like 'train[:90%]' works).") from e
-
-
-def _tfds_process_split(split: str, process_index: int, process_count: int) -> Any:
-  return tfds.even_splits(split, n=process_count)[process_index] if process_count > 1 else split
-
-
-def _tfds_records(source: _TfdsSource, split: Any, *, seed: int | None) -> tf.data.Dataset:
-  """(encoded image, label) records; file order shuffled with `seed` unless it is None."""
-  ds = source.builder.as_dataset(
-      split=split, shuffle_files=seed is not None, decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True))
-  return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
-
-
-# --- Pipelines ----------------------------------------------------------------------------------
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -441,14 +47,8 @@ def _slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
   return n * process_index // process_count, n * (process_index + 1) // process_count
 
 
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
-  """Any supported file (grey, RGBA, palette, 16-bit, animated) -> [H, W, 3] uint8."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-  image.set_shape([None, None, 3])
-  return image
 
-
-def _loader(examples: _Examples, is_files: bool, decode: bool = True
+def _loader(examples: data_sources.Examples, is_files: bool, decode: bool = True
             ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
   """index -> (image, int32 label); the image is [H, W, 3] uint8, or file bytes if not `decode`."""
   data, labels = tf.constant(examples.data), tf.constant(examples.labels)
@@ -457,66 +57,13 @@ def _loader(examples: _Examples, is_files: bool, decode: bool = True
     item = tf.gather(data, index)
     if is_files:
       image = tf.io.read_file(item)
-      image = _decode(image) if decode else image
+      image = preprocess.decode(image) if decode else image
     else:
       image = tf.image.grayscale_to_rgb(item[..., None])
     return image, tf.gather(labels, index)
 
   return load
 
-
-def _normalise(image: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tensor:
-  image = (tf.cast(image, tf.float32) - 127.5) / 127.5  # [0, 255] -> [-1, 1], as the checkpoints.
-  return tf.cast(image, tf.bfloat16) if pp.bfloat16 else image
-
-
-def _inception_crop(image: tf.Tensor, key: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tensor:
-  """Random area crop of `image` ([H, W, 3] uint8 or encoded bytes), as Inception / the anchor."""
-
-  def window(shape):
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(pp.area_min, 1.0),
-        use_image_if_no_bounding_boxes=True)
-    return begin, size
-
-  def decode_then_crop(image):
-    begin, size = window(tf.shape(image))
-    return tf.slice(image, begin, size)
-
-  if image.dtype != tf.string:
-    return decode_then_crop(image)
-
-  def jpeg():  # Decodes only the window: less work, pixels within a few levels of the full decode.
-    begin, size = window(tf.image.extract_jpeg_shape(image))
-    window_yxhw = tf.stack([begin[0], begin[1], size[0], size[1]])
-    return tf.image.decode_and_crop_jpeg(image, window_yxhw, channels=3)
-
-  return tf.cond(tf.io.is_jpeg(image), jpeg, lambda: decode_then_crop(_decode(image)))
-
-
-def _train_preprocess(image: tf.Tensor, key: tf.Tensor,
-                      pp: ml_collections.ConfigDict) -> tf.Tensor:
-  """`image`: [H, W, 3] uint8 or an encoded file. Randomness comes from `key` only."""
-  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  if pp.inception_crop:
-    image = _inception_crop(image, crop_key, pp)
-  elif image.dtype == tf.string:
-    image = _decode(image)
-  image = tf.image.resize(image, [pp.crop, pp.crop], method="bilinear")
-  if pp.flip:
-    image = tf.image.stateless_random_flip_left_right(image, flip_key)
-  return _normalise(image, pp)
-
-
-def _eval_preprocess(image: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tensor:
-  if pp.eval_resize > pp.crop:
-    image = tf.image.resize(image, [pp.eval_resize, pp.eval_resize], method="bilinear")
-    offset = (pp.eval_resize - pp.crop) // 2
-    image = image[offset:offset + pp.crop, offset:offset + pp.crop]
-  else:
-    image = tf.image.resize(image, [pp.crop, pp.crop], method="bilinear")
-  return _normalise(image, pp)
 
 
 def _epoch_permutations(n: int, seed: int, start: int) -> tf.data.Dataset:
@@ -558,34 +105,35 @@ def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
     global_element = (element // batch) * config.batch + index * batch + element % batch
     return tf.random.experimental.stateless_fold_in(base_key, global_element)
 
-  if isinstance(source, _IndexedSource):
+  if isinstance(source, data_sources.IndexedSource):
     lo, hi = _slice(source.split_size("train"), index, count)
     if lo == hi:
       raise ValueError(f"The train split ({source.split_size('train')} examples) has fewer "
                        f"examples than there are processes ({count}).")
     load = _loader(source.splits["train"], source.is_files, decode=False)
 
-    def preprocess(element, position):
+    def prepare(element, position):
       image, label = load(lo + position)
-      return {"image": _train_preprocess(image, key_of(element), config.pp), "label": label}
+      return {"image": preprocess.train_preprocess(image, key_of(element), config.pp),
+              "label": label}
 
     ds = _epoch_permutations(hi - lo, config.seed, start).enumerate(start)
   else:
-    split = _tfds_process_split(source.split_names["train"], index, count)
-    n_local = _tfds_split_size(source.builder, split)
-    ds = _tfds_records(source, split, seed=config.seed).repeat()
+    split = data_sources.tfds_process_split(source.split_names["train"], index, count)
+    n_local = data_sources.tfds_split_size(source.builder, split)
+    ds = data_sources.tfds_records(source, split, seed=config.seed).repeat()
     # Shuffling (seeded) before `skip`, and decoding after it, keeps resuming deterministic; its
     # cost is reading start_step * B encoded records.
     ds = ds.shuffle(min(config.shuffle_buffer, n_local), seed=config.seed)
     ds = ds.enumerate().skip(start)
 
-    def preprocess(element, record):
+    def prepare(element, record):
       encoded, label = record
-      return {"image": _train_preprocess(encoded, key_of(element), config.pp),
+      return {"image": preprocess.train_preprocess(encoded, key_of(element), config.pp),
               "label": label}
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  if isinstance(source, _TfdsSource) or source.is_files:
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  if isinstance(source, data_sources.TfdsSource) or source.is_files:
     # Safety net only: files were checked up front. A file dropped here shifts later batches.
     ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(batch, drop_remainder=True)
@@ -593,11 +141,12 @@ def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
 
 
 def _eval_local_sizes(source: Any, count: int) -> list[int]:
-  if isinstance(source, _IndexedSource):
+  if isinstance(source, data_sources.IndexedSource):
     n = source.split_size("test")
     return [hi - lo for lo, hi in (_slice(n, i, count) for i in range(count))]
   split = source.split_names["test"]
-  return [_tfds_split_size(source.builder, _tfds_process_split(split, i, count))
+  return [data_sources.tfds_split_size(source.builder,
+                                       data_sources.tfds_process_split(split, i, count))
           for i in range(count)]
 
 
@@ -622,19 +171,19 @@ def get_eval_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
   source = _source(config, info)
   num_batches = num_eval_batches(config, info, count)
 
-  if isinstance(source, _IndexedSource):
+  if isinstance(source, data_sources.IndexedSource):
     lo, hi = _slice(source.split_size("test"), index, count)
     load = _loader(source.splits["test"], source.is_files)
     ds = tf.data.Dataset.range(lo, hi).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     n_local = hi - lo
   else:
-    split = _tfds_process_split(source.split_names["test"], index, count)
-    n_local = _tfds_split_size(source.builder, split)
-    ds = _tfds_records(source, split, seed=None)
-    ds = ds.map(lambda encoded, label: (_decode(encoded), label),
+    split = data_sources.tfds_process_split(source.split_names["test"], index, count)
+    n_local = data_sources.tfds_split_size(source.builder, split)
+    ds = data_sources.tfds_records(source, split, seed=None)
+    ds = ds.map(lambda encoded, label: (preprocess.decode(encoded), label),
                 num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda image, label: {"image": _eval_preprocess(image, config.pp), "label": label,
-                                    "mask": tf.constant(1, tf.int32)},
+  ds = ds.map(lambda image, label: {"image": preprocess.eval_preprocess(image, config.pp),
+                                    "label": label, "mask": tf.constant(1, tf.int32)},
               num_parallel_calls=tf.data.AUTOTUNE)
   if config.cache:
     ds = ds.cache()

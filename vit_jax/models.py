@@ -73,11 +73,11 @@ _ARCH_FIELDS = ("patch_size", "hidden_size", "mlp_dim", "num_heads", "num_layers
                 "classifier", "representation_size", "gelu_approximate", "resnet")
 
 
-def model_metadata(model: models_vit.VisionTransformer, *, image_size: int,
+def model_metadata(model: models_vit.VisionTransformer, *, image_size: Optional[int],
                    class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """JSON-able description of `model` for an export: architecture, resolution, labels."""
   return dict(model_name=model.model_name, num_classes=model.num_classes or 0,
-              image_size=int(image_size),
+              image_size=None if image_size is None else int(image_size),
               class_names=list(class_names) if class_names is not None else None,
               architecture={f: _json_field(getattr(model, f)) for f in _ARCH_FIELDS})
 

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-# As input_pipeline.IMAGE_EXTENSIONS (not imported from there: that module imports TensorFlow).
+# As data_sources.IMAGE_EXTENSIONS (not imported from there: that module imports TensorFlow).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _BATCH = 64
 
@@ -31,7 +31,7 @@ class PredictError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing: the numpy twin of input_pipeline._eval_preprocess.
+# Preprocessing: the numpy twin of preprocess.eval_preprocess.
 
 def _resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """tf.image.resize(method='bilinear', antialias=False) sampling: half-pixel centres, edges
