@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--remat_policy", default=None,
                       help="with --remat: nothing_saveable (default), "
                            "dots_with_no_batch_dims_saveable, dots_saveable, everything_saveable")
+  parser.add_argument("--recompute_gelu", action="store_true",
+                      help="keep only GELU's input for the backward pass "
+                           "(config.model.recompute_gelu)")
   parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                       help="auto: cuDNN fused attention on NVIDIA GPUs with bfloat16, else XLA")
   parser.add_argument("--cotangent_boundaries", choices=("auto", "on", "off"), default="auto",
@@ -80,6 +83,7 @@ def make_config(args: argparse.Namespace):
   config.pp.crop = args.image_size
   config.model.dtype = args.dtype
   config.model.remat = args.remat
+  config.model.recompute_gelu = args.recompute_gelu
   if args.remat_policy:
     config.model.remat_policy = args.remat_policy
   config.optimizer = args.optimizer

@@ -117,10 +117,11 @@ def _grad_fn(model, x):
   return jax.jit(jax.grad(loss))
 
 
-def test_cotangent_boundaries_give_the_same_gradients():
+@pytest.mark.parametrize("field", ["cotangent_boundaries", "recompute_gelu"])
+def test_speed_switches_give_the_same_gradients(field):
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  on = models.get_model("testing", 3, cotangent_boundaries=True)
-  off = models.get_model("testing", 3, cotangent_boundaries=False)
+  on = models.get_model("testing", 3, **{field: True})
+  off = models.get_model("testing", 3, **{field: False})
   params = jax.tree.map(lambda p: p + 0.1, on.init(jax.random.key(0), x)["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                _grad_fn(on, x)(params), _grad_fn(off, x)(params))
@@ -151,3 +152,16 @@ def test_metadata_round_trip_rebuilds_the_same_model():
   rebuilt = models.model_from_metadata(meta)
   for field in ("patch_size", "hidden_size", "num_layers", "num_classes", "gelu_approximate"):
     assert getattr(rebuilt, field) == getattr(model, field)
+
+
+def test_recompute_gelu_saves_at_least_one_mlp_activation_per_block():
+  x = jnp.zeros((2, 32, 32, 3))  # ViT-tiny_4: 65 tokens, mlp_dim 256, 4 blocks
+  model = models.get_model("ViT-tiny_4", 3, cotangent_boundaries=False)
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def residual_bytes(m):  # what the backward pass keeps from the forward pass
+    _, vjp_fn = jax.vjp(lambda p: m.apply({"params": p}, x, train=False), params)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp_fn))
+
+  saved = residual_bytes(model) - residual_bytes(model.clone(recompute_gelu=True))
+  assert saved >= model.num_layers * 2 * 65 * model.mlp_dim * 4

@@ -196,6 +196,39 @@ def _synthetic_batch(mesh: jax.sharding.Mesh, batch: int, image_size: int,
   return make()
 
 
+def jitted_step(config: ml_collections.ConfigDict, model: models_vit.VisionTransformer,
+                mesh: jax.sharding.Mesh, *, mode: str, num_classes: int
+                ) -> tuple[Any, tuple[Any, ...], Callable[[], Any], Any]:
+  """The jitted step that `mode` measures, its arguments as sharded `jax.ShapeDtypeStruct`s, the
+  training state's init function and its shardings. Nothing is allocated: a mesh of devices that
+  are not here (a deviceless compile, `vit_jax.hlo_traffic`) works too.
+
+  train: as train.train_and_evaluate jits it, state sharded and donated, metrics left on the
+  devices; args (state, batch). inference: the forward pass; args (params, images).
+  """
+  batch, size = config.batch, config.pp.crop
+  tx, lr_fn = optim.make_optimizer(config)
+  init = functools.partial(train._init_state, model=model, tx=tx, image_size=size,  # pylint: disable=protected-access
+                           seed=config.seed)
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp)
+  batch_sharding = sharding.batch_sharding(mesh)
+  spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  images = spec(jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), batch_sharding)
+  if mode == "train":
+    step = jax.jit(train.make_train_step(model, tx, lr_fn, config, num_classes),
+                   in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
+    labels = spec(jax.ShapeDtypeStruct((batch,), jnp.int32), batch_sharding)
+    args = (jax.tree.map(spec, abstract, shardings), dict(image=images, label=labels))
+    return step, args, init, shardings
+  forward = lambda params, images: model.apply({"params": params}, images, train=False)
+  step = jax.jit(forward, in_shardings=(shardings["params"], batch_sharding),
+                 out_shardings=batch_sharding)
+  params = jax.tree.map(spec, abstract["params"], shardings["params"])
+  return step, (params, images), init, shardings
+
+
 def benchmark_ours(config: ml_collections.ConfigDict, model: models_vit.VisionTransformer, *,
                    mode: str, num_classes: int, warmup: int, steps: int) -> dict[str, Any]:
   """Times our training step (mode 'train') or forward pass (mode 'inference').
@@ -208,27 +241,13 @@ def benchmark_ours(config: ml_collections.ConfigDict, model: models_vit.VisionTr
   n_dev, batch, size = mesh.size, config.batch, config.pp.crop
   if batch % n_dev:
     raise ValueError(f"batch {batch} is not divisible by the {n_dev} devices")
-  tx, lr_fn = optim.make_optimizer(config)
-  init = functools.partial(train._init_state, model=model, tx=tx, image_size=size,  # pylint: disable=protected-access
-                           seed=config.seed)
-  abstract = jax.eval_shape(init)
-  shardings = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp)
-  state = jax.jit(init, out_shardings=shardings)()
+  step, _, init, state_shardings = jitted_step(config, model, mesh, mode=mode,
+                                                           num_classes=num_classes)
+  state = jax.jit(init, out_shardings=state_shardings)()
   batch_arrays = _synthetic_batch(mesh, batch, size, num_classes)
   result: dict[str, Any] = dict(
-      num_params=int(sum(x.size for x in jax.tree.leaves(abstract["params"]))))
-
-  if mode == "train":
-    # As train.train_and_evaluate: state sharded and donated, metrics left on the devices.
-    step = jax.jit(train.make_train_step(model, tx, lr_fn, config, num_classes),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
-    args = (state, batch_arrays)
-  else:
-    forward = lambda params, images: model.apply({"params": params}, images, train=False)
-    step = jax.jit(forward, in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.batch_sharding(mesh))
-    args = (state["params"], batch_arrays["image"])
+      num_params=int(sum(x.size for x in jax.tree.leaves(state["params"]))))
+  args = (state, batch_arrays) if mode == "train" else (state["params"], batch_arrays["image"])
 
   start = time.perf_counter()
   lowered = step.lower(*args)
@@ -432,6 +451,7 @@ def run_ours(config: ml_collections.ConfigDict, model: models_vit.VisionTransfor
       model_name=config.model_name, mode=mode, batch=config.batch, image_size=config.pp.crop,
       dtype=dtype, num_classes=num_classes, remat=bool(model.remat),
       remat_policy=model.remat_policy if model.remat else None,
+      recompute_gelu=bool(model.recompute_gelu),
       attention=model.attention_impl or "xla", optimizer=config.optimizer,
       cotangent_boundaries=models_vit.cotangent_boundaries_enabled(model.cotangent_boundaries),
       platform=devices[0].platform, device_kind=devices[0].device_kind,

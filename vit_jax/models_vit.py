@@ -113,6 +113,9 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   gelu_approximate: bool = True
+  # Keep only GELU's input for the backward pass and recompute the rest (its tanh) there: one
+  # [batch, tokens, mlp_dim] tensor per block less to store, write and read back.
+  recompute_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -124,7 +127,8 @@ class MlpBlock(nn.Module):
         bias_init=nn.initializers.normal(stddev=1e-6))
     x = dense(self.mlp_dim)(inputs)
     # The checkpoints were trained with the tanh approximation (flax.linen.gelu's default).
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    gelu = functools.partial(nn.gelu, approximate=self.gelu_approximate)
+    x = (jax.checkpoint(gelu) if self.recompute_gelu else gelu)(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(inputs.shape[-1])(x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -177,6 +181,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   gelu_approximate: bool = True
+  recompute_gelu: bool = False
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -201,7 +206,8 @@ class Encoder1DBlock(nn.Module):
     x = inputs + self._drop_path(x, deterministic)
     y = _layer_norm("LayerNorm_1", **kw)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                 gelu_approximate=self.gelu_approximate, name="MlpBlock_0", **kw)(
+                 gelu_approximate=self.gelu_approximate, recompute_gelu=self.recompute_gelu,
+                 name="MlpBlock_0", **kw)(
                      y, deterministic=deterministic)
     return x + self._drop_path(y, deterministic)
 
@@ -215,6 +221,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   gelu_approximate: bool = True
+  recompute_gelu: bool = False
   attention_impl: Optional[str] = None
   remat: bool = False
   remat_policy: str = "nothing_saveable"
@@ -242,8 +249,9 @@ class Encoder(nn.Module):
       x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-                    gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    gelu_approximate=self.gelu_approximate, recompute_gelu=self.recompute_gelu,
+                    attention_impl=self.attention_impl, dtype=self.dtype,
+                    param_dtype=self.param_dtype,
                     name=f"encoderblock_{i}")(x, not train)
     return _layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
 
@@ -262,6 +270,7 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   classifier: str = "token"  # "token" (class token) or "gap" (global average pooling)
   gelu_approximate: bool = True
+  recompute_gelu: bool = False  # MlpBlock's: less activation memory and traffic, same values
   head_bias_init: float = 0.0
   attention_impl: Optional[str] = None
   remat: bool = False
@@ -295,7 +304,8 @@ class VisionTransformer(nn.Module):
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 stochastic_depth=self.stochastic_depth, gelu_approximate=self.gelu_approximate,
-                attention_impl=self.attention_impl, remat=self.remat,
+                recompute_gelu=self.recompute_gelu, attention_impl=self.attention_impl,
+                remat=self.remat,
                 remat_policy=self.remat_policy,
                 cotangent_boundaries=self.cotangent_boundaries, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="Transformer")(x, train=train)

@@ -114,8 +114,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       config.model_name, num_classes, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
       representation_size=m.representation_size, classifier=m.classifier,
-      gelu_approximate=m.gelu_approximate, dtype=jnp.dtype(m.dtype), remat=m.remat,
-      remat_policy=m.remat_policy, attention_impl=m.attention_impl or None,
+      gelu_approximate=m.gelu_approximate, recompute_gelu=m.recompute_gelu,
+      dtype=jnp.dtype(m.dtype), remat=m.remat, remat_policy=m.remat_policy,
+      attention_impl=m.attention_impl or None,
       resnet=_resnet_override(config))
 
 
