@@ -60,19 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as e:  # no CUDA plugin: one line that says what to install
       sys.exit(f"error: {e}")
     bandwidth = hlo_traffic.H100_MEMORY_BANDWIDTH
-    # What --attention auto picks on an NVIDIA GPU.
-    attention = {"auto": "cudnn" if bench.dtype == "bfloat16" else None, "xla": None,
-                 "cudnn": "cudnn"}[bench.attention]
   else:
     mesh, bandwidth = sharding.make_mesh(), None
-    attention = benchmark.resolve_attention(bench.attention, bench.dtype)
+  platform = mesh.devices.flat[0].platform  # the compile target's, not jax's default backend
+  attention = benchmark.resolve_attention(bench.attention, bench.dtype, platform)
   config = benchmark_script.make_config(bench)
   config.model.attention_impl = attention or ""
   model = train.create_model(config, bench.num_classes)
-  if bench.cotangent_boundaries != "auto":
-    model = model.clone(cotangent_boundaries=bench.cotangent_boundaries == "on")
-  elif args.target == "h100":
-    model = model.clone(cotangent_boundaries=False)  # auto: off on GPUs
+  setting = None if bench.cotangent_boundaries == "auto" else bench.cotangent_boundaries == "on"
+  model = model.clone(
+      cotangent_boundaries=models_vit.cotangent_boundaries_enabled(setting, platform))
   step, abstract_args, _, _ = benchmark.jitted_step(config, model, mesh, mode=bench.mode,
                                                     num_classes=bench.num_classes)
   start = time.perf_counter()
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
       target=args.target, device_kind=mesh.devices.flat[0].device_kind,
       num_devices=mesh.size, model_name=bench.model_name, mode=bench.mode, batch=bench.batch,
       image_size=bench.image_size, dtype=bench.dtype, attention=attention or "xla",
-      cotangent_boundaries=models_vit.cotangent_boundaries_enabled(model.cotangent_boundaries),
+      cotangent_boundaries=model.cotangent_boundaries,
       remat=bench.remat, recompute_gelu=bench.recompute_gelu, compile_s=compile_s,
       compiled_memory=benchmark.compiled_memory(compiled), jax_version=jax.__version__,
       xla_flags=os.environ.get("XLA_FLAGS", ""),

@@ -177,10 +177,15 @@ def measure_peak_flops(mesh: jax.sharding.Mesh, dtype: str, *, size: Optional[in
 # ---------------------------------------------------------------------------------------------
 # Our model.
 
-def resolve_attention(attention: str, dtype: str) -> Optional[str]:
-  """'auto' -> cuDNN fused attention on NVIDIA GPUs in bf16 (it needs fp16/bf16), else XLA's."""
+def resolve_attention(attention: str, dtype: str, platform: Optional[str] = None
+                      ) -> Optional[str]:
+  """'auto' -> cuDNN fused attention on NVIDIA GPUs in bf16 (it needs fp16/bf16), else XLA's.
+
+  `platform`: where the step runs (default: the first device's platform).
+  """
   if attention == "auto":
-    return "cudnn" if jax.devices()[0].platform in _GPU_PLATFORMS and dtype == "bfloat16" else None
+    platform = platform or jax.devices()[0].platform
+    return "cudnn" if platform in _GPU_PLATFORMS and dtype == "bfloat16" else None
   return None if attention == "xla" else attention
 
 

@@ -73,9 +73,14 @@ def _cotangent_boundary_bwd(_, g: Array) -> tuple[Array]:
 cotangent_boundary.defvjp(_cotangent_boundary_fwd, _cotangent_boundary_bwd)
 
 
-def cotangent_boundaries_enabled(setting: Optional[bool]) -> bool:
-  """A model's `cotangent_boundaries`: None means on for the CPU backend only (where measured)."""
-  return jax.default_backend() == "cpu" if setting is None else bool(setting)
+def cotangent_boundaries_enabled(setting: Optional[bool], platform: Optional[str] = None) -> bool:
+  """A model's `cotangent_boundaries`: None means on for the CPU backend only (where measured).
+
+  `platform`: the one compiled for (default: jax's default backend).
+  """
+  if setting is not None:
+    return bool(setting)
+  return (platform or jax.default_backend()) == "cpu"
 
 
 class AddPositionEmbs(nn.Module):
