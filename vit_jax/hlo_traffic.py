@@ -83,8 +83,8 @@ class Kernel:
 
 def _array_bytes(shape: str, skip_workspace: bool = False) -> int:
   arrays = _ARRAY.findall(shape)
-  if skip_workspace and len(arrays) > 1 and arrays[-1][0] == "s8":
-    arrays = arrays[:-1]  # a library call's scratch buffer, not data
+  if skip_workspace and len(arrays) > 1 and arrays[-1][0] in ("s8", "u8"):
+    arrays = arrays[:-1]  # a library call's scratch buffer (cuBLAS s8, cuDNN u8), not data
   total = 0.0
   for dtype, dims in arrays:
     n = 1
