@@ -93,6 +93,11 @@ def make_config(args: argparse.Namespace):
   return config
 
 
+def cotangent_boundaries(args: argparse.Namespace) -> Optional[bool]:
+  """--cotangent_boundaries as the model field: None (auto: the platform decides), True, False."""
+  return None if args.cotangent_boundaries == "auto" else args.cotangent_boundaries == "on"
+
+
 def print_summary(r: dict[str, Any]) -> None:
   """A few human-readable lines of the result (the JSON has everything)."""
   g = lambda x: f"{x / 1e9:.4g}" if x else "-"
@@ -141,9 +146,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
   def measure(attention_impl):
     config.model.attention_impl = attention_impl or ""
-    model = train.create_model(config, args.num_classes)
-    if args.cotangent_boundaries != "auto":
-      model = model.clone(cotangent_boundaries=args.cotangent_boundaries == "on")
+    model = train.create_model(config, args.num_classes).clone(
+        cotangent_boundaries=cotangent_boundaries(args))
     return benchmark.run_ours(config, model, mode=args.mode, num_classes=args.num_classes,
                               warmup=args.warmup, steps=args.steps, peak_size=args.peak_size)
 

@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
   config = benchmark_script.make_config(bench)
   config.model.attention_impl = attention or ""
   model = train.create_model(config, bench.num_classes)
-  setting = None if bench.cotangent_boundaries == "auto" else bench.cotangent_boundaries == "on"
-  model = model.clone(
-      cotangent_boundaries=models_vit.cotangent_boundaries_enabled(setting, platform))
+  model = model.clone(cotangent_boundaries=models_vit.cotangent_boundaries_enabled(
+      benchmark_script.cotangent_boundaries(bench), platform))
   step, abstract_args, _, _ = benchmark.jitted_step(config, model, mesh, mode=bench.mode,
                                                     num_classes=bench.num_classes)
   start = time.perf_counter()

@@ -247,7 +247,7 @@ def benchmark_ours(config: ml_collections.ConfigDict, model: models_vit.VisionTr
   if batch % n_dev:
     raise ValueError(f"batch {batch} is not divisible by the {n_dev} devices")
   step, _, init, state_shardings = jitted_step(config, model, mesh, mode=mode,
-                                                           num_classes=num_classes)
+                                               num_classes=num_classes)
   state = jax.jit(init, out_shardings=state_shardings)()
   batch_arrays = _synthetic_batch(mesh, batch, size, num_classes)
   result: dict[str, Any] = dict(

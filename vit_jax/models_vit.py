@@ -230,8 +230,8 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   remat: bool = False
   remat_policy: str = "nothing_saveable"
-  # cotangent_boundary before each block; None: where it pays, on the CPU backend (GPU fusion
-  # differs, and the GPU numbers were measured without it).
+  # cotangent_boundary before each block; None: where it pays, on the CPU backend (XLA:GPU does
+  # not form the quadratic fusion: scripts/benchmark_hlo.py, docs/BENCHMARKS.md).
   cotangent_boundaries: Optional[bool] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
