@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Model -------------------------------------------------------------------------------
   config.model_name = "ViT-B_16"  # a key of vit_jax.models.MODEL_CONFIGS
-  # Overrides of the preset's fields (ours). `None` keeps the preset's value.
+  # Fields of the model (ours), passed as they are: models.get_model(name, n, **config.model).
+  # `None` keeps the preset's value. A new model option is one field here and one in the module.
   config.model = ml_collections.ConfigDict(dict(
       dropout_rate=config_dict.placeholder(float),
       attention_dropout_rate=config_dict.placeholder(float),
@@ -49,13 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
       remat=False,  # rematerialise each encoder block (trade compute for memory)
       # what a rematerialised block keeps: models_vit.REMAT_POLICIES, least memory first
       remat_policy="nothing_saveable",
-      # keep only GELU's input for the backward pass, recompute its tanh there: one activation
-      # of [batch, tokens, mlp_dim] per block less (ViT-B/16 bf16, batch 256, H100: 3.5 GiB less
-      # memory, 11 GB less traffic per step, in XLA's plan; speed not yet measured on a GPU)
+      # keep only GELU's input for the backward pass and recompute its tanh there: one
+      # [batch, tokens, mlp_dim] activation per block less to store (same values)
       recompute_gelu=False,
-      # attention kernel: "" (XLA's) or "cudnn" (fused flash attention on NVIDIA GPUs: +27 % ViT-B/16
-      # training images/s on an H100, docs/BENCHMARKS.md)
+      # attention kernel: "" (XLA's) or "cudnn" (fused flash attention on NVIDIA GPUs)
       attention_impl="",
+      # route the residual gradient through a conditional before each block (same values); None:
+      # on for the CPU backend only, where XLA otherwise re-derives it quadratically in depth
+      cotangent_boundaries=config_dict.placeholder(bool),
       # the hybrid ResNet stem, as the original `config.resnet` (the R...+ViT presets set it):
       # stage depths, e.g. (3, 4, 9) for R50, () for the root alone; root width 64 * width_factor
       resnet=ml_collections.ConfigDict(dict(num_layers=config_dict.placeholder(tuple),

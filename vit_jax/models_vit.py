@@ -50,8 +50,7 @@ def cotangent_boundary(x: Array) -> Array:
   Why: in the backward pass of a pre-LayerNorm stack, the residual stream's gradient at block i is
   a chain of elementwise adds over blocks L-1..i. XLA:CPU's fusion copies that whole chain into
   each of its consumers (the transposes feeding the weight-gradient matmuls), which is quadratic
-  in depth: 25 % of a ViT-Ti/16 batch-8 training step on the CPU, and half its compile time
-  (docs/BENCHMARKS.md). An optimisation barrier does not stop it (XLA:CPU removes barriers
+  in depth (a quarter of a ViT-Ti/16 batch-8 training step on the CPU). An optimisation barrier does not stop it (XLA:CPU removes barriers
   before fusion); a conditional does, so the backward pass routes the gradient through one whose
   predicate XLA cannot fold. The values are exactly those without it.
   """
@@ -71,16 +70,6 @@ def _cotangent_boundary_bwd(_, g: Array) -> tuple[Array]:
 
 
 cotangent_boundary.defvjp(_cotangent_boundary_fwd, _cotangent_boundary_bwd)
-
-
-def cotangent_boundaries_enabled(setting: Optional[bool], platform: Optional[str] = None) -> bool:
-  """A model's `cotangent_boundaries`: None means on for the CPU backend only (where measured).
-
-  `platform`: the one compiled for (default: jax's default backend).
-  """
-  if setting is not None:
-    return bool(setting)
-  return (platform or jax.default_backend()) == "cpu"
 
 
 class AddPositionEmbs(nn.Module):
@@ -230,9 +219,8 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   remat: bool = False
   remat_policy: str = "nothing_saveable"
-  # cotangent_boundary before each block; None: where it pays, on the CPU backend (XLA:GPU does
-  # not form the quadratic fusion: scripts/benchmark_hlo.py, docs/BENCHMARKS.md).
-  cotangent_boundaries: Optional[bool] = None
+  # cotangent_boundary before each block: pays on XLA:CPU only (models.get_model decides).
+  cotangent_boundaries: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -245,9 +233,8 @@ class Encoder(nn.Module):
     if self.remat:
       block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,),
                            policy=get_remat_policy(self.remat_policy))
-    boundaries = cotangent_boundaries_enabled(self.cotangent_boundaries)
     for i in range(self.num_layers):
-      if boundaries:
+      if self.cotangent_boundaries:
         x = cotangent_boundary(x)
       # Stochastic depth grows linearly with depth, 0 for the first block.
       rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
@@ -281,7 +268,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   # What a rematerialised block keeps for the backward pass: a name in REMAT_POLICIES.
   remat_policy: str = "nothing_saveable"
-  cotangent_boundaries: Optional[bool] = None  # Encoder's; None: on for the CPU backend
+  cotangent_boundaries: bool = False  # Encoder's; models.get_model turns it on for XLA:CPU
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32
   model_name: Optional[str] = None

@@ -1,14 +1,16 @@
-"""Device mesh, parameter shardings (data parallel, FSDP) and batches as global arrays.
+"""Device mesh, parameter shardings (data parallel, FSDP), batches as global arrays, and the
+one object that holds what differs between the jit and the pmap path (`parallelism`).
 
 The canonical training state is a tree of global `jax.Array`s on a 1-D mesh over every device
 of every process, axis 'data'. The jit path uses it as is; the pmap path converts it to and from
 per-device replicas (`to_pmap` / `from_pmap`) only at start-up and when checkpointing.
 """
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -77,3 +79,81 @@ def from_pmap(pstate: Any, shardings: Any) -> Any:
     return jax.make_array_from_callback(local.shape, s, lambda idx: local[idx])
 
   return jax.tree.map(get, pstate, shardings)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host numpy tree -> global arrays; every process passes the same values (multi-host safe)."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+      tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays -> numpy on every process (gathers FSDP shards across hosts)."""
+  def get(x):
+    if x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(get, tree)
+
+
+class Jit:
+  """`jax.jit` over the mesh: the running state is the canonical one, batches are global arrays."""
+  axis_name: Optional[str] = None  # the step functions see the global batch
+
+  def __init__(self, mesh: Mesh, state_shardings: Any):
+    self.mesh, self.shardings = mesh, state_shardings
+
+  def train_step(self, fn: Callable) -> Callable:
+    return jax.jit(fn, in_shardings=(self.shardings, batch_sharding(self.mesh)),
+                   out_shardings=(self.shardings, None), donate_argnums=(0,))
+
+  def eval_step(self, fn: Callable) -> Callable:
+    return jax.jit(fn, in_shardings=(self.shardings["params"], batch_sharding(self.mesh)))
+
+  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return global_batch(local_batch, self.mesh)
+
+  def enter(self, state: Any) -> Any:
+    """Canonical state -> the state the step runs on."""
+    return state
+
+  def canonical(self, run_state: Any) -> Any:
+    """The running state -> canonical global arrays (to checkpoint or export)."""
+    return run_state
+
+  def fetch(self, tree: Any) -> Any:
+    """Replicated step outputs (metrics) -> numpy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+class Pmap(Jit):
+  """`jax.pmap` over the local devices: a replica per device, per-device batches, `pmean`."""
+  axis_name = "batch"
+
+  def train_step(self, fn: Callable) -> Callable:
+    return jax.pmap(fn, axis_name=self.axis_name, donate_argnums=(0,))
+
+  def eval_step(self, fn: Callable) -> Callable:
+    return jax.pmap(fn, axis_name=self.axis_name)
+
+  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return pmap_batch(local_batch)
+
+  def enter(self, state: Any) -> Any:
+    return to_pmap(state)
+
+  def canonical(self, run_state: Any) -> Any:
+    return from_pmap(run_state, self.shardings)
+
+  def fetch(self, tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
+def parallelism(name: str, mesh: Mesh, state_shardings: Any) -> Jit:
+  """`config.parallelism` ('jit' or 'pmap') as the object the training loop calls."""
+  if name not in ("jit", "pmap"):
+    raise ValueError(f"parallelism must be 'jit' or 'pmap', got {name!r}")
+  return (Jit if name == "jit" else Pmap)(mesh, state_shardings)
