@@ -7,7 +7,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-# torch first, from its pinned file: timm would otherwise pull another build (environment notes).
+# torch first, from its pinned file: timm would otherwise pull another build (a second torch
+# build that does not import together with TensorFlow).
 .venv/bin/pip install -q -r requirements-torch.txt
 .venv/bin/pip install -q -r requirements.txt -r requirements-test.txt
 .venv/bin/pip install -q --no-deps -e .

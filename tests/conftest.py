@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices, quiet TF, and torch imported before TensorFlow.
 
-torch's triton segfaults when imported after TensorFlow (docs: environment.md §4), so any test
+torch's triton segfaults when imported after TensorFlow, so any test
 process that may use both imports torch first.
 """
 

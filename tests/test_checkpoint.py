@@ -1,7 +1,7 @@
 """The original `.npz` format: exact loading, strict merging, resizing, export, clear errors.
 
 timm's own `.npz` loader is the independent reader: it must read the same fixtures and compute
-the same logits as the Flax model (docs: checkpoint_formats.md §5-§7).
+the same logits as the Flax model.
 """
 
 import functools
@@ -292,12 +292,12 @@ def test_hybrid_logits_match_timm(tmp_path, stem):
   timm_model = _timm_load_strict(_timm_hybrid(num_layers, width_factor, f, f["num_classes"], 32),
                                  path)
   # timm's GroupNorm epsilon is 1e-5, Flax's 1e-6; its StdConv adds 1e-8 to the variance where
-  # the original adds 1e-5 to the standard deviation (checkpoint_formats.md §2.4).
+  # the original adds 1e-5 to the standard deviation.
   np.testing.assert_allclose(flax_out, _timm_forward(timm_model, x), atol=1e-3, rtol=1e-3)
 
 
 def test_r50_b16_in21k_file_loads_for_fine_tuning_and_matches_timm(tmp_path):
-  # The real R50+ViT-B_16.npz (ImageNet-21k) structure: checkpoint_formats.md §1.5 counts 358
+  # The real R50+ViT-B_16.npz (ImageNet-21k) structure: 358
   # arrays and 115,277,971 parameters (pre_logits, zeroed 21,843-class head).
   f = dict(npz_fixtures.B16_IN21K, patch=1)
   arrays = npz_fixtures.hybrid_arrays(num_layers=(3, 4, 9), width=64, **f)

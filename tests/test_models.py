@@ -130,7 +130,7 @@ def test_speed_switches_give_the_same_gradients(field):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the boundaries are a CPU fix")
 def test_cotangent_boundaries_are_on_by_default_on_cpu_and_survive_xla():
   # One conditional per block in the optimised CPU program: if an XLA upgrade folds them away,
-  # the training step silently gets slower again (benchmark numbers in docs/BENCHMARKS.md).
+  # the training step silently gets slower again (docs/benchmarks.md).
   x = jnp.zeros((2, 32, 32, 3))
   default = models.get_model("ViT-tiny_4", 3)
   params = default.init(jax.random.key(0), x)["params"]

@@ -27,7 +27,8 @@ def _normalise(image: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tensor:
 
 
 def _inception_crop(image: tf.Tensor, key: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tensor:
-  """Random area crop of `image` ([H, W, 3] uint8 or encoded bytes), as Inception / the anchor."""
+  """Random area crop of `image` ([H, W, 3] uint8 or encoded bytes), as Inception and
+  google-research/vision_transformer."""
 
   def window(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
