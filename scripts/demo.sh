@@ -21,6 +21,8 @@
 #   DEMO_PRETRAINED=PATH   where the pretrained .npz is copied (default
 #                          checkpoints/R+ViT-tiny_8-fmnist.npz; with DEMO_QUICK, inside WORKDIR)
 #   DEMO_SKIP_SETUP=1      never run scripts/setup.sh
+#   PYTHON=PATH            the interpreter to run everything with (then setup.sh never runs);
+#                          default .venv/bin/python, made by scripts/setup.sh when it is missing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${1:-workdirs/demo}"
@@ -30,7 +32,7 @@ if [ "$QUICK" = 1 ]; then
 else
   PRETRAINED="${DEMO_PRETRAINED:-checkpoints/R+ViT-tiny_8-fmnist.npz}"
 fi
-PY=.venv/bin/python
+PY="${PYTHON:-.venv/bin/python}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # One JAX CPU device per core (a power of two, at most 8, so that the batches divide): data
 # parallel over the cores trains this small model ~1.5x faster than one device with XLA's
@@ -46,7 +48,7 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
 T0=$(date +%s.%N)
 
 # --- 0. Environment and data -----------------------------------------------------------------------
-if [ "${DEMO_SKIP_SETUP:-0}" != 1 ] && ! { [ -x "$PY" ] &&
+if [ -z "${PYTHON:-}" ] && [ "${DEMO_SKIP_SETUP:-0}" != 1 ] && ! { [ -x "$PY" ] &&
     "$PY" -c "import vit_jax, jax, flax, optax, orbax.checkpoint, tensorflow, torch, transformers" \
       2>/dev/null; }; then
   echo "== setup: bash scripts/setup.sh"

@@ -51,7 +51,6 @@ def _true_class(image_path: str) -> str:
 
 def write_samples(folder: str, fashion_mnist_dir: Optional[str] = None) -> None:
   """Saves the first test images of each footwear class as 28x28 PNGs (held out: test split)."""
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for `configs`
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from configs import shoes  # pylint: disable=g-import-not-at-top
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -125,7 +124,6 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
 def write_few_shot(path: str, per_class: int, fashion_mnist_dir: Optional[str] = None) -> None:
   """The low-data fine-tuning set: where a pretrained start is expected to pay off."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from vit_jax import data_sources  # pylint: disable=g-import-not-at-top
   arrays = data_sources.load_fashion_mnist(data_sources.find_fashion_mnist(fashion_mnist_dir or ""))
   images, labels = arrays["train"]

@@ -1,7 +1,9 @@
 """Writes `.npz` files with the exact key layout of the published Google ViT checkpoints.
 
-The key list is written out here from the published layout (docs: checkpoint_formats.md §1.2),
-independently of vit_jax's model code, so loading it tests the loader rather than restating it.
+The key list is written out here from the published files' layout (flat "/"-joined pre-linen
+names such as Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel, attention kernels as
+[hidden, heads, head_dim]), independently of vit_jax's model code, so loading it tests the loader
+rather than restating it.
 Values are random with realistic scales (kernels ~ N(0, 1/fan_in), LayerNorm scales 1 +- 0.2,
 nonzero biases and head), so a wrong transpose or a GELU mismatch shows in the logits.
 """
@@ -69,9 +71,9 @@ def write_npz(path, arrays: dict[str, np.ndarray]) -> str:
 
 def hybrid_arrays(*, num_layers: tuple[int, ...], width: int, seed: int = 1,
                   **vit) -> dict[str, np.ndarray]:
-  """A ResNet+ViT hybrid file (checkpoint_formats.md §1.5): the ViT keys with an embedding over
-  the stem's channels, plus `conv_root`, `gn_root` and `block{s}/unit{u}/...`, the GroupNorm
-  parameters stored (1, 1, 1, C) as in the published R_Ti_16 / R50 files."""
+  """A ResNet+ViT hybrid file: the ViT keys with an embedding over the stem's channels, plus
+  `conv_root`, `gn_root` and `block{s}/unit{u}/...`, the GroupNorm parameters stored
+  (1, 1, 1, C) as in the published R_Ti_16 / R50 files."""
   rng = np.random.default_rng(seed)
   f32 = np.float32
   gn = lambda c: {"scale": (1 + 0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32),

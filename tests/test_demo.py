@@ -24,7 +24,9 @@ POSEMB = "Transformer/posembed_input/pos_embedding"
 
 def _env() -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the real single device
-  env.update(DEMO_QUICK="1", DEMO_SKIP_SETUP="1", DEMO_FMNIST_DIR=SLICE, TF_CPP_MIN_LOG_LEVEL="2")
+  # PYTHON: the demo runs with the interpreter that runs the tests, whatever .venv holds.
+  env.update(DEMO_QUICK="1", DEMO_SKIP_SETUP="1", DEMO_FMNIST_DIR=SLICE, TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHON=sys.executable)
   return env
 
 
@@ -84,6 +86,29 @@ def test_finetuned_model_changed_resolution_and_head(demo):
     assert json.load(f)["config"]["pretrained_path"].endswith("R+ViT-tiny_8-fmnist.npz")
   with open(os.path.join(workdir, "scratch", "run.json")) as f:
     assert json.load(f)["config"]["from_scratch"] is True
+
+
+def test_finetuning_starts_from_the_pretrained_weights(demo, tmp_path):
+  # The demo's fine-tuning config at learning rate 0 (every update exactly zero) for one step:
+  # its export is its initial state, which must hold the pretrained file's weights bit for bit.
+  # Random weights differ, even those the quick pretraining started from (8 steps away).
+  from configs import shoes  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  pretrained = os.path.join(demo[0], "checkpoints", "R+ViT-tiny_8-fmnist.npz")
+  config = shoes.get_config("demo")
+  with config.unlocked():
+    config.update(pretrained_path=pretrained, fashion_mnist_dir=SLICE, base_lr=0.0,
+                  total_steps=1, warmup_steps=0, batch=8, batch_eval=64)
+  workdir = str(tmp_path / "lr0")
+  assert train.train_and_evaluate(config, workdir)["origin"] == f"pretrained {pretrained}"
+  with np.load(pretrained) as want, np.load(os.path.join(workdir, "params.npz")) as got:
+    kept = [k for k in want.files if not k.startswith(("head/", "pre_logits/"))]
+    assert len(kept) > 50 and "conv_root/kernel" in kept  # the ResNet stem's arrays too
+    for key in kept:
+      if key == POSEMB:  # resized 3x3 -> 4x4 grid; the class token's slot is kept as it is
+        np.testing.assert_array_equal(got[key][:, 0], want[key][:, 0], err_msg=key)
+      else:
+        np.testing.assert_array_equal(got[key], want[key].reshape(got[key].shape), err_msg=key)
 
 
 def test_predictions_name_the_footwear_classes(demo):

@@ -8,13 +8,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import testing as testing_config
 from tests import npz_fixtures
 from tests.image_folders import COLORS, write_colour_folder
-from vit_jax import checkpoint, train
+from vit_jax import checkpoint, models, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,9 +125,40 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, folder):
   _assert_same_params(accum, large, atol=1e-5)
 
 
+@pytest.mark.parametrize("other", [dict(parallelism="pmap"), dict(accum_steps=4)],
+                         ids=["pmap", "accumulation"])
+def test_with_dropout_jit_pmap_and_accumulation_give_the_same_parameters(tmp_path, folder,
+                                                                          other):
+  # Each example's dropout mask comes from (seed, step, its row in the global batch), not from
+  # the device or micro-batch that computes it.
+  stochastic = {"model.dropout_rate": 0.1, "model.stochastic_depth": 0.1,
+                "optim_dtype": "float32", "total_steps": 6, "eval_every": 100}
+  jit_dir, _ = _run(tmp_path, folder, "jit_dropout", **stochastic)
+  other_dir, _ = _run(tmp_path, folder, "other_dropout", **stochastic, **other)
+  _assert_same_params(other_dir, jit_dir, atol=1e-5)
+  plain_dir, _ = _run(tmp_path, folder, "no_dropout", **{**stochastic, "model.dropout_rate": 0.0,
+                                                         "model.stochastic_depth": 0.0})
+  with pytest.raises(AssertionError):  # dropout did act: the test compares something
+    _assert_same_params(plain_dir, jit_dir, atol=1e-5)
+
+
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, folder):
-  with pytest.raises(train.TrainingDiverged, match=r"diverged at step \d+"):
-    _run(tmp_path, folder, "nan", base_lr=1e30, warmup_steps=0, progress_every=1)
+  # A good run to step 4 (its checkpoint), then the same workdir resumed with a learning rate
+  # that overflows the parameters: the run must stop at the first non-finite step after 4,
+  # saving nothing, and leave checkpoint 4 as it was.
+  workdir, _ = _run(tmp_path, folder, "nan", total_steps=4)
+  assert _steps(workdir) == [4]
+  good = _params(workdir)  # the export of step 4
+  with pytest.raises(train.TrainingDiverged, match=r"diverged at step (\d+)") as error:
+    _run(tmp_path, folder, "nan", base_lr=1e30, total_steps=12, progress_every=1)
+  message = str(error.value)
+  diverged_at = int(message.split("diverged at step ")[1].split(":")[0])
+  assert diverged_at > 4 and "last good checkpoint (step 4)" in message
+  assert _steps(workdir) == [4]
+  restored, _ = checkpoint.load_for_inference(os.path.join(workdir, "checkpoints", "4"))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), restored, good)
+  assert max(jax.tree.leaves(diffs)) == 0
 
 
 def test_pretrained_npz_at_a_new_resolution_and_class_count(tmp_path, folder):
@@ -134,12 +166,23 @@ def test_pretrained_npz_at_a_new_resolution_and_class_count(tmp_path, folder):
   arrays = npz_fixtures.google_vit_arrays(hidden=10, mlp=10, heads=2, layers=1, patch=16, grid=1,
                                           num_classes=21843, pre_logits=True, zero_head=True)
   path = npz_fixtures.write_npz(tmp_path / "testing.npz", arrays)
+  # base_lr 0: every update is exactly zero, so the export is the run's initial state.
   workdir, summary = _run(tmp_path, folder, "pretrained", from_scratch=False,
-                          pretrained_path=path, total_steps=4)
+                          pretrained_path=path, total_steps=4, base_lr=0.0)
   assert summary["origin"] == f"pretrained {path}"
   params = _params(workdir)
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 10)  # 2x2+1
   assert params["head"]["kernel"].shape == (10, 3) and "pre_logits" not in params
+  # The run started from the file's weights: every encoder array of the export is the file's, bit
+  # for bit (random weights are not), and the 1x1 grid resized to 2x2 repeats its one token.
+  with np.load(os.path.join(workdir, "params.npz")) as exported:
+    for key, value in arrays.items():
+      if key.startswith(("head/", "pre_logits/")) or key.endswith("pos_embedding"):
+        continue
+      np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    posemb = exported["Transformer/posembed_input/pos_embedding"][0]
+  file_posemb = arrays["Transformer/posembed_input/pos_embedding"][0]
+  np.testing.assert_array_equal(posemb, file_posemb[[0, 1, 1, 1, 1]])  # class token, 4 x grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,20 +263,38 @@ def test_bad_config_values_are_named(folder, overrides, message):
     train.validate_config(config)
 
 
+def _model(config, num_classes=3):
+  return models.get_model(config.model_name, num_classes, **config.model)
+
+
+def test_every_config_model_field_is_a_model_field(folder):
+  """One path from config to model: config.model passes to get_model as it is."""
+  config = _config(folder)
+  fields = set(models.models_vit.VisionTransformer.__dataclass_fields__)
+  assert set(config.model.keys()) <= fields
+
+
 def test_model_kernel_options_reach_the_model(folder):
   config = _config(folder, **{"model.remat": True, "model.remat_policy": "dots_saveable",
-                              "model.attention_impl": "cudnn"})
-  model = train.create_model(config, 3)
-  assert (model.remat, model.remat_policy, model.attention_impl) == (True, "dots_saveable",
-                                                                     "cudnn")
-  assert train.create_model(_config(folder), 3).attention_impl is None  # XLA's attention
+                              "model.attention_impl": "cudnn", "model.dtype": "bfloat16",
+                              "model.recompute_gelu": True})
+  model = _model(config)
+  assert (model.remat, model.remat_policy, model.attention_impl, model.dtype,
+          model.recompute_gelu) == (True, "dots_saveable", "cudnn", jnp.bfloat16, True)
+  assert _model(_config(folder)).attention_impl is None  # "": XLA's attention
+
+
+def test_cotangent_boundaries_are_resolved_from_the_platform_once(folder):
+  assert _model(_config(folder)).cotangent_boundaries is True  # None: on for the CPU backend
+  off = _config(folder, **{"model.cotangent_boundaries": False})
+  assert _model(off).cotangent_boundaries is False
 
 
 def test_resnet_stem_override_reaches_the_model(folder):
   config = _config(folder, model_name="R+ViT-tiny_8", **{"model.resnet.num_layers": (1, 2)})
-  resnet = train.create_model(config, 3).resnet
+  resnet = _model(config).resnet
   assert (resnet.num_layers, resnet.width_factor) == ((1, 2), 0.5)  # the preset's width kept
-  assert train.create_model(_config(folder), 3).resnet is None  # a plain ViT stays plain
+  assert _model(_config(folder)).resnet is None  # a plain ViT stays plain
 
 
 def test_missing_pretrained_file_says_how_to_download_it(folder):

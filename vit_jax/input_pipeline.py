@@ -1,11 +1,14 @@
 """Input pipelines: deterministic, resumable tf.data over the sources of `data_sources`.
 
 Training data is a pure function of (config.seed, step). Folder and Fashion-MNIST examples are
-shuffled at the index level with a stateless permutation per epoch, so resuming at step k skips
-k * batch integers, not images. tfds records are shuffled by tf.data with fixed seeds and resumed
-with `skip` on the (still encoded) records. Augmentation (`preprocess`) is stateless-random, keyed
-by (seed, global element index), so a resumed run augments each example as the uninterrupted run
-would.
+shuffled at the index level with one stateless permutation per epoch, the same for every
+process; global batch s is elements s*B .. s*B+B-1 of that stream whatever the process count, and
+process i of P takes elements s*B + i*B/P .. s*B + (i+1)*B/P - 1 of it and reads only their files.
+Resuming at step k skips integers, not images. tfds records are split between processes by file,
+so their order depends on the process count; they are shuffled by tf.data with fixed seeds and
+resumed with `skip` on the (still encoded) records.
+Augmentation (`preprocess`) is stateless-random, keyed by (seed, global element index), so a
+resumed run augments each example as the uninterrupted run would.
 """
 
 import math
@@ -79,6 +82,15 @@ def _epoch_permutations(n: int, seed: int, start: int) -> tf.data.Dataset:
   return tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch).skip(offset)
 
 
+def _process_indices(n: int, seed: int, start_step: int, global_batch: int, process_index: int,
+                     local_batch: int) -> tf.data.Dataset:
+  """This process's example indices from step `start_step` on: of each global batch of the
+  process-independent stream `_epoch_permutations`, rows process_index * local_batch onwards."""
+  lo = process_index * local_batch
+  ds = _epoch_permutations(n, seed, start_step * global_batch).batch(global_batch)
+  return ds.map(lambda rows: rows[lo:lo + local_batch]).unbatch()
+
+
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True  # parallel maps keep element order (explicit: the contract needs it)
@@ -91,7 +103,9 @@ def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
   """Infinite batches {'image': [B, crop, crop, 3], 'label': [B] int32}, B = batch / processes.
 
   Deterministic in config.seed; with start_step=k it yields exactly batches k, k+1, ... of the
-  start_step=0 dataset. Each process reads its own slice of the split and only that.
+  start_step=0 dataset. For folders and Fashion-MNIST, the P processes' batches of a step,
+  concatenated in process order, are the batch of one process (augmentations included); each
+  process reads only its own rows' files.
   """
   index, count = _processes(process_index, process_count)
   batch = _local_batch(config.batch, count, "config.batch")
@@ -106,18 +120,15 @@ def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
     return tf.random.experimental.stateless_fold_in(base_key, global_element)
 
   if isinstance(source, data_sources.IndexedSource):
-    lo, hi = _slice(source.split_size("train"), index, count)
-    if lo == hi:
-      raise ValueError(f"The train split ({source.split_size('train')} examples) has fewer "
-                       f"examples than there are processes ({count}).")
     load = _loader(source.splits["train"], source.is_files, decode=False)
 
-    def prepare(element, position):
-      image, label = load(lo + position)
+    def prepare(element, example):
+      image, label = load(example)
       return {"image": preprocess.train_preprocess(image, key_of(element), config.pp),
               "label": label}
 
-    ds = _epoch_permutations(hi - lo, config.seed, start).enumerate(start)
+    ds = _process_indices(source.split_size("train"), config.seed, start_step, config.batch,
+                          index, batch).enumerate(start)
   else:
     split = data_sources.tfds_process_split(source.split_names["train"], index, count)
     n_local = data_sources.tfds_split_size(source.builder, split)
@@ -160,11 +171,13 @@ def num_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
 
 def get_eval_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
                      process_index: int | None = None,
-                     process_count: int | None = None) -> tf.data.Dataset:
+                     process_count: int | None = None,
+                     with_ids: bool = False) -> tf.data.Dataset:
   """Finite eval batches {'image', 'label', 'mask' (int32, 0 = padding)} of batch_eval/processes.
 
   Every process yields num_eval_batches(...) batches; padding (zero images, mask 0) fills the
   rest, so summing over mask on all processes counts each test example exactly once.
+  `with_ids` adds 'index' (int32): the example's position in the whole split, -1 for padding.
   """
   index, count = _processes(process_index, process_count)
   batch = _local_batch(config.batch_eval, count, "config.batch_eval")
@@ -185,10 +198,15 @@ def get_eval_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
   ds = ds.map(lambda image, label: {"image": preprocess.eval_preprocess(image, config.pp),
                                     "label": label, "mask": tf.constant(1, tf.int32)},
               num_parallel_calls=tf.data.AUTOTUNE)
+  if with_ids:  # processes read consecutive slices of the split: offset = earlier slices' sizes
+    offset = sum(_eval_local_sizes(source, count)[:index])
+    ds = ds.enumerate(offset).map(lambda i, ex: {**ex, "index": tf.cast(i, tf.int32)})
   if config.cache:
     ds = ds.cache()
   dtype = tf.bfloat16 if config.pp.bfloat16 else tf.float32
   padding = {"image": tf.zeros([config.pp.crop, config.pp.crop, 3], dtype),
              "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}
+  if with_ids:
+    padding["index"] = tf.constant(-1, tf.int32)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - n_local))
   return _options(ds.batch(batch).prefetch(tf.data.AUTOTUNE))
