@@ -57,15 +57,43 @@ H100_MEMORY_BANDWIDTH = 3.35232e12  # bytes/s, as in the target config
 DEVICELESS_ENV = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
 DEVICELESS_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
 
-_NOT_KERNELS = frozenset((
-    "parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
-    "partition-id", "replica-id", "opt-barrier", "add-dependency"))
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-                "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_NOT_KERNELS = frozenset(
+  (
+    "parameter",
+    "get-tuple-element",
+    "bitcast",
+    "tuple",
+    "constant",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+  )
+)
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*?)\)(?:, (.*))?$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*?)\)(?:, (.*))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +127,15 @@ def _entry(hlo_text: str) -> str:
   if start < 0:
     raise ValueError("no ENTRY computation in the HLO text (expected compiled.as_text())")
   end = hlo_text.find("\n}", start)
-  return hlo_text[start:end if end >= 0 else None]
+  return hlo_text[start : end if end >= 0 else None]
 
 
 def _computations(hlo_text: str) -> dict[str, str]:
   """{'%name': body} of the module's non-entry computations (fusion bodies among them)."""
-  return {m.group(1): m.group(2) for m in
-          re.finditer(r"^(%[\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)}
+  return {
+    m.group(1): m.group(2)
+    for m in re.finditer(r"^(%[\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)
+  }
 
 
 def kernel_traffic(hlo_text: str) -> list[Kernel]:
@@ -135,13 +165,19 @@ def kernel_traffic(hlo_text: str) -> list[Kernel]:
     read = sum(_array_bytes(shapes.get(op, "")) for op in re.findall(r"%[\w.\-]+", operands))
     written = _array_bytes(shape, skip_workspace=opcode == "custom-call")
     op_name = re.search(r'op_name="([^"]*)"', attrs)
-    kernels.append(Kernel(name=name, kind=kind, bytes=read + written,
-                          op_name=op_name.group(1).split(";")[0] if op_name else "",
-                          is_matmul=bool(matmul)))
+    kernels.append(
+      Kernel(
+        name=name,
+        kind=kind,
+        bytes=read + written,
+        op_name=op_name.group(1).split(";")[0] if op_name else "",
+        is_matmul=bool(matmul),
+      )
+    )
   return kernels
 
 
-def _op_group(op_name: str) -> str:
+def op_group(op_name: str) -> str:
   """'jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/encoderblock_3/...' ->
   'backward: Transformer/encoderblock_N/...': one row for the same op in every block."""
   direction = "backward: " if "transpose(" in op_name else ""
@@ -154,8 +190,9 @@ def _op_group(op_name: str) -> str:
   return direction + (path or "(no op name)")
 
 
-def summarize(kernels: list[Kernel], *, bandwidth: float | None = None,
-              top: int = 20) -> dict[str, Any]:
+def summarize(
+  kernels: list[Kernel], *, bandwidth: float | None = None, top: int = 20
+) -> dict[str, Any]:
   """Totals per kind and per JAX op; with `bandwidth` (bytes/s) also the time at that rate."""
   by_kind: dict[str, dict[str, int]] = collections.defaultdict(lambda: dict(count=0, bytes=0))
   by_op: collections.Counter = collections.Counter()
@@ -163,40 +200,52 @@ def summarize(kernels: list[Kernel], *, bandwidth: float | None = None,
     by_kind[k.kind]["count"] += 1
     by_kind[k.kind]["bytes"] += k.bytes
     if not (k.is_matmul or k.is_attention):
-      by_op[_op_group(k.op_name)] += k.bytes
+      by_op[op_group(k.op_name)] += k.bytes
   total = sum(k.bytes for k in kernels)
   matmul = sum(k.bytes for k in kernels if k.is_matmul)
   attention = sum(k.bytes for k in kernels if k.is_attention)
-  out = dict(kernels=len(kernels), traffic_bytes=total, matmul_bytes=matmul,
-             attention_bytes=attention, other_bytes=total - matmul - attention,
-             by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["bytes"])),
-             top_other_ops=[[op, b] for op, b in by_op.most_common(top)])
+  out = dict(
+    kernels=len(kernels),
+    traffic_bytes=total,
+    matmul_bytes=matmul,
+    attention_bytes=attention,
+    other_bytes=total - matmul - attention,
+    by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["bytes"])),
+    top_other_ops=[[op, b] for op, b in by_op.most_common(top)],
+  )
   if bandwidth:
-    out.update(bandwidth_bytes_per_s=bandwidth,
-               other_ms_at_bandwidth=1e3 * (total - matmul - attention) / bandwidth,
-               traffic_ms_at_bandwidth=1e3 * total / bandwidth)
+    out.update(
+      bandwidth_bytes_per_s=bandwidth,
+      other_ms_at_bandwidth=1e3 * (total - matmul - attention) / bandwidth,
+      traffic_ms_at_bandwidth=1e3 * total / bandwidth,
+    )
   return out
 
 
-def deviceless_gpu_mesh(axis_name: str, target_config: str = H100_TARGET_CONFIG
-                        ) -> jax.sharding.Mesh:
+def deviceless_gpu_mesh(
+  axis_name: str, target_config: str = H100_TARGET_CONFIG
+) -> jax.sharding.Mesh:
   """A one-device mesh of the GPU `target_config` describes, for compiling without that GPU.
 
   Needs jax's CUDA plugin, DEVICELESS_ENV in the environment and DEVICELESS_XLA_FLAGS in
-  XLA_FLAGS before jax starts (scripts/benchmark_hlo.py sets them).
+  XLA_FLAGS before jax starts (`benchmarks.hlo` sets them).
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   missing = [k for k, v in DEVICELESS_ENV.items() if os.environ.get(k) != v]
   if missing:
-    raise RuntimeError(f"set {', '.join(f'{k}={DEVICELESS_ENV[k]}' for k in missing)} before "
-                       "jax starts (deviceless GPU compilation)")
+    raise RuntimeError(
+      f"set {', '.join(f'{k}={DEVICELESS_ENV[k]}' for k in missing)} before "
+      "jax starts (deviceless GPU compilation)"
+    )
   try:
-    topology = topologies.get_topology_desc(platform="cuda", target_config=target_config,
-                                            topology="1x1x1")
+    topology = topologies.get_topology_desc(
+      platform="cuda", target_config=target_config, topology="1x1x1"
+    )
   except (NotImplementedError, RuntimeError) as e:
     raise RuntimeError(
-        "deviceless GPU compilation needs jax's CUDA plugin: pip install "
-        f"'jax-cuda13-plugin[with-cuda]=={jax.__version__}' "
-        f"'jax-cuda13-pjrt=={jax.__version__}' ({type(e).__name__}: {e})") from e
-  return jax.sharding.Mesh(topology.devices, (axis_name,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+      "deviceless GPU compilation needs jax's CUDA plugin: pip install "
+      f"'jax-cuda13-plugin[with-cuda]=={jax.__version__}' "
+      f"'jax-cuda13-pjrt=={jax.__version__}' ({type(e).__name__}: {e})"
+    ) from e
+  return jax.sharding.Mesh(topology.devices, (axis_name,), axis_types=(jax.sharding.AxisType.Auto,))
