@@ -11,23 +11,34 @@ from ml_collections import config_dict
 # name -> (what `config.dataset` becomes, crop, total_steps, train split, test split, classes).
 # Splits use tfds syntax; for folders and Fashion-MNIST only 'train'/'test' are meaningful.
 DATASET_PRESETS = {
-    "shoes": dict(dataset="data/shoes", crop=224, total_steps=2_000, train="train", test="test"),
-    "cifar10": dict(dataset="cifar10", crop=384, total_steps=10_000, train="train[:98%]",
-                    test="test"),
-    "cifar100": dict(dataset="cifar100", crop=384, total_steps=10_000, train="train[:98%]",
-                     test="test"),
-    "oxford_iiit_pet": dict(dataset="oxford_iiit_pet", crop=384, total_steps=500,
-                            train="train[:90%]", test="test"),
-    "oxford_flowers102": dict(dataset="oxford_flowers102", crop=384, total_steps=500,
-                              train="train", test="test"),
-    "food101": dict(dataset="food101", crop=384, total_steps=10_000, train="train[:99%]",
-                    test="validation"),
-    "fashion_mnist": dict(dataset="fashion_mnist", crop=32, total_steps=3_000, train="train",
-                          test="test"),
-    # The three footwear classes of Fashion-MNIST: a real shoe-recognition task offline.
-    "fashion_mnist_shoes": dict(dataset="fashion_mnist", crop=32, total_steps=1_500,
-                                train="train", test="test",
-                                classes=("Sandal", "Sneaker", "Ankle boot")),
+  "shoes": dict(dataset="data/shoes", crop=224, total_steps=2_000, train="train", test="test"),
+  "cifar10": dict(
+    dataset="cifar10", crop=384, total_steps=10_000, train="train[:98%]", test="test"
+  ),
+  "cifar100": dict(
+    dataset="cifar100", crop=384, total_steps=10_000, train="train[:98%]", test="test"
+  ),
+  "oxford_iiit_pet": dict(
+    dataset="oxford_iiit_pet", crop=384, total_steps=500, train="train[:90%]", test="test"
+  ),
+  "oxford_flowers102": dict(
+    dataset="oxford_flowers102", crop=384, total_steps=500, train="train", test="test"
+  ),
+  "food101": dict(
+    dataset="food101", crop=384, total_steps=10_000, train="train[:99%]", test="validation"
+  ),
+  "fashion_mnist": dict(
+    dataset="fashion_mnist", crop=32, total_steps=3_000, train="train", test="test"
+  ),
+  # The three footwear classes of Fashion-MNIST: a real shoe-recognition task offline.
+  "fashion_mnist_shoes": dict(
+    dataset="fashion_mnist",
+    crop=32,
+    total_steps=1_500,
+    train="train",
+    test="test",
+    classes=("Sandal", "Sneaker", "Ankle boot"),
+  ),
 }
 
 
@@ -39,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_name = "ViT-B_16"  # a key of vit_jax.models.MODEL_CONFIGS
   # Fields of the model (ours), passed as they are: models.get_model(name, n, **config.model).
   # `None` keeps the preset's value. A new model option is one field here and one in the module.
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = ml_collections.ConfigDict(
+    dict(
       dropout_rate=config_dict.placeholder(float),
       attention_dropout_rate=config_dict.placeholder(float),
       stochastic_depth=config_dict.placeholder(float),
@@ -60,9 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
       cotangent_boundaries=config_dict.placeholder(bool),
       # the hybrid ResNet stem, as the original `config.resnet` (the R...+ViT presets set it):
       # stage depths, e.g. (3, 4, 9) for R50, () for the root alone; root width 64 * width_factor
-      resnet=ml_collections.ConfigDict(dict(num_layers=config_dict.placeholder(tuple),
-                                            width_factor=config_dict.placeholder(float))),
-  ))
+      resnet=ml_collections.ConfigDict(
+        dict(num_layers=config_dict.placeholder(tuple), width_factor=config_dict.placeholder(float))
+      ),
+    )
+  )
 
   # --- Initialisation: the resume ladder is workdir > resume > pretrained > scratch ---------
   config.pretrained_dir = "checkpoints"  # where {model_name}.npz is looked up
@@ -83,7 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache = False  # (ours) cache decoded eval images in memory
   config.prefetch = 2  # batches prefetched to the devices
 
-  config.pp = ml_collections.ConfigDict(dict(
+  config.pp = ml_collections.ConfigDict(
+    dict(
       train="train",
       test="test",
       crop=224,  # training and evaluation resolution
@@ -92,7 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
       area_min=0.05,  # (ours) smallest crop area of the Inception crop
       flip=True,  # (ours) random horizontal flip for training
       bfloat16=False,  # (ours) images in bfloat16 (halves host->device traffic)
-  ))
+    )
+  )
 
   # --- Optimisation ---------------------------------------------------------------------------
   config.total_steps = 10_000
@@ -122,6 +138,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2  # (ours) orbax max_to_keep
   config.async_checkpoints = True  # (ours)
   config.export_npz = True  # (ours) write params.npz in the original format at the end
+  # (ours) "test_accuracy" or "test_loss": also keep the best evaluation's checkpoint in
+  # checkpoints_best/ (beside the latest ones) and export it as best_params.npz; "": off
+  config.best_metric = ""
+  config.report = False  # (ours) write the evaluation report (vit_jax.evaluate) to WORKDIR/report
   return config
 
 

@@ -16,14 +16,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint, input_pipeline, metrics, models, models_resnet, optim, sharding
+from vit_jax import (
+  checkpoint,
+  input_pipeline,
+  metrics,
+  models,
+  models_resnet,
+  optim,
+  sharding,
+  steps,
+)
 
-State = dict[str, Any]  # {'step': int32 scalar, 'params': tree, 'opt_state': tree}
+State = steps.State
 
 
 class ConfigError(ValueError):
@@ -37,49 +45,81 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Configuration.
 
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks values up front so that a mistake fails in a second, not after compiling."""
+
   def need(ok: bool, msg: str) -> None:
     if not ok:
       raise ConfigError(msg)
 
-  need(config.model_name in models.MODEL_CONFIGS,
-       f"config.model_name={config.model_name!r} is unknown; known: "
-       f"{', '.join(models.MODEL_CONFIGS)}")
-  need(bool(config.dataset), "config.dataset is empty: set a tfds name, an image folder or "
-       "'fashion_mnist' (--config.dataset=...)")
-  need(config.parallelism in ("jit", "pmap"),
-       f"config.parallelism must be 'jit' or 'pmap', got {config.parallelism!r}")
-  need(not (config.fsdp and config.parallelism == "pmap"),
-       "config.fsdp=True needs config.parallelism='jit'")
-  need(config.optimizer in ("sgd", "adamw"),
-       f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
-  need(config.decay_type in ("cosine", "linear"),
-       f"config.decay_type must be 'cosine' or 'linear', got {config.decay_type!r}")
-  for field in ("total_steps", "batch", "batch_eval", "accum_steps", "eval_every",
-                "checkpoint_every", "progress_every"):
+  need(
+    config.model_name in models.MODEL_CONFIGS,
+    f"config.model_name={config.model_name!r} is unknown; known: {', '.join(models.MODEL_CONFIGS)}",
+  )
+  need(
+    bool(config.dataset),
+    "config.dataset is empty: set a tfds name, an image folder or "
+    "'fashion_mnist' (--config.dataset=...)",
+  )
+  need(
+    config.parallelism in ("jit", "pmap"),
+    f"config.parallelism must be 'jit' or 'pmap', got {config.parallelism!r}",
+  )
+  need(
+    not (config.fsdp and config.parallelism == "pmap"),
+    "config.fsdp=True needs config.parallelism='jit'",
+  )
+  need(
+    config.optimizer in ("sgd", "adamw"),
+    f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}",
+  )
+  need(
+    config.decay_type in ("cosine", "linear"),
+    f"config.decay_type must be 'cosine' or 'linear', got {config.decay_type!r}",
+  )
+  for field in (
+    "total_steps",
+    "batch",
+    "batch_eval",
+    "accum_steps",
+    "eval_every",
+    "checkpoint_every",
+    "progress_every",
+  ):
     need(config[field] > 0, f"config.{field} must be positive, got {config[field]}")
-  need(0 <= config.warmup_steps < config.total_steps,
-       f"config.warmup_steps={config.warmup_steps} must be in [0, total_steps="
-       f"{config.total_steps})")
+  need(
+    0 <= config.warmup_steps < config.total_steps,
+    f"config.warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps})",
+  )
   n = jax.device_count()
-  need(config.batch % n == 0,
-       f"config.batch={config.batch} is not divisible by the {n} devices")
-  need((config.batch // n) % config.accum_steps == 0,
-       f"the per-device batch {config.batch // n} (config.batch={config.batch} over {n} devices)"
-       f" is not divisible by config.accum_steps={config.accum_steps}")
-  need(config.batch_eval % n == 0,
-       f"config.batch_eval={config.batch_eval} is not divisible by the {n} devices")
+  need(config.batch % n == 0, f"config.batch={config.batch} is not divisible by the {n} devices")
+  need(
+    (config.batch // n) % config.accum_steps == 0,
+    f"the per-device batch {config.batch // n} (config.batch={config.batch} over {n} devices)"
+    f" is not divisible by config.accum_steps={config.accum_steps}",
+  )
+  need(
+    config.batch_eval % n == 0,
+    f"config.batch_eval={config.batch_eval} is not divisible by the {n} devices",
+  )
+  need(
+    config.best_metric in ("",) + tuple(BEST_MODES),
+    f"config.best_metric must be '' (off) or one of {', '.join(BEST_MODES)}, got "
+    f"{config.best_metric!r}",
+  )
   try:
     model = models.get_model(config.model_name, 1, **config.model)
   except ValueError as e:
     raise ConfigError(f"config.model.{e}") from None
   # A hybrid cuts its patches from the stem's feature map: pixels per token = patch * stride.
   patch = model.patch_size * models_resnet.stem_stride(model.resnet)
-  need(config.pp.crop % patch == 0,
-       f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s "
-       f"{'patch size' if model.resnet is None else 'pixels per token (patch x ResNet stride)'} "
-       f"{patch}")
+  need(
+    config.pp.crop % patch == 0,
+    f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s "
+    f"{'patch size' if model.resnet is None else 'pixels per token (patch x ResNet stride)'} "
+    f"{patch}",
+  )
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
@@ -89,105 +129,65 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   path = config.pretrained_path or os.path.join(config.pretrained_dir, f"{config.model_name}.npz")
   if not os.path.exists(path):
     raise ConfigError(
-        f"pretrained checkpoint {path} not found. Download the original ImageNet-21k file:\n"
-        f"  wget -P {config.pretrained_dir} https://storage.googleapis.com/vit_models/imagenet21k/"
-        f"{config.model_name}.npz\n(see checkpoints/README.md), set --config.pretrained_path, or "
-        f"train from random weights with --config.from_scratch=True")
+      f"pretrained checkpoint {path} not found. Download the original ImageNet-21k file:\n"
+      f"  wget -P {config.pretrained_dir} https://storage.googleapis.com/vit_models/imagenet21k/"
+      f"{config.model_name}.npz\n(see checkpoints/README.md), set --config.pretrained_path, or "
+      f"train from random weights with --config.from_scratch=True"
+    )
   return path
-
-
-# ---------------------------------------------------------------------------------------------
-# The step functions. `axis_name` is set for the pmap path (per-device batch, pmean).
-
-def is_stochastic(model) -> bool:
-  """Whether the model draws random numbers in training (dropout, stochastic depth)."""
-  return any(getattr(model, f, 0.0) > 0.0
-             for f in ("dropout_rate", "attention_dropout_rate", "stochastic_depth"))
-
-
-def make_train_step(model, tx: optax.GradientTransformation, lr_fn: Callable, config,
-                    num_classes: int, axis_name: Optional[str] = None) -> Callable:
-  """One update. With dropout, example r of the global batch draws from fold_in(step key, r):
-  the numbers are those of one device, whatever the devices, processes, pmap or accumulation."""
-  accum = config.accum_steps
-  stochastic = is_stochastic(model)
-
-  def logits_fn(params, images, rows, rng):
-    if not stochastic:
-      return model.apply({"params": params}, images, train=True)
-
-    def one(image, row):
-      rngs = {"dropout": jax.random.fold_in(rng, row)}
-      return model.apply({"params": params}, image[None], train=True, rngs=rngs)[0]
-
-    return jax.vmap(one)(images, rows)
-
-  def loss_fn(params, images, labels, rows, rng):
-    logits = logits_fn(params, images, rows, rng)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-  grad_fn = jax.value_and_grad(loss_fn)
-
-  def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
-    rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-    params, images, labels = state["params"], batch["image"], batch["label"]
-    rows = jnp.arange(images.shape[0])  # this device's rows of the global batch
-    if axis_name:
-      rows += jax.lax.axis_index(axis_name) * images.shape[0]
-    if accum == 1:
-      loss, grads = grad_fn(params, images, labels, rows, rng)
-    else:
-      # Micro-batch i holds rows r with r % accum == i: the same examples on both paths.
-      split = lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1)
-
-      def micro(carry, xs):
-        loss_i, g = grad_fn(params, *xs, rng)
-        return jax.tree.map(jnp.add, carry, (loss_i, g)), None
-
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(micro, zeros, (split(images), split(labels), split(rows)))
-      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-    if axis_name:
-      loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates),
-                     opt_state=opt_state)
-    return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                           lr=lr_fn(state["step"]))
-
-  return train_step
-
-
-def make_eval_step(model, num_classes: int, axis_name: Optional[str] = None) -> Callable:
-
-  def eval_step(params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
-    sums = dict(correct=jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-                loss=jnp.sum(losses * mask), count=jnp.sum(mask))
-    return jax.lax.psum(sums, axis_name) if axis_name else sums
-
-  return eval_step
 
 
 # ---------------------------------------------------------------------------------------------
 # State: creation and the resume ladder.
 
-def init_state(*, model, tx, image_size: int, seed: int) -> State:
-  """A fresh state from random weights: what `jax.eval_shape` reads the shapes from."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = model.init({"params": jax.random.key(seed)}, x, train=False)["params"]
-  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
 
 def checkpoint_manager(directory: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints,
-      enable_async_checkpointing=config.async_checkpoints)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+    max_to_keep=config.keep_checkpoints, enable_async_checkpointing=config.async_checkpoints
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
+  )
+
+
+# --- config.best_metric and config.report (the evaluation hooks) ------------------------------
+
+BEST_MODES = {"test_accuracy": "max", "test_loss": "min"}  # config.best_metric -> orbax best_mode
+
+
+def best_checkpoint_manager(workdir: str, config) -> Optional[ocp.CheckpointManager]:
+  """WORKDIR/checkpoints_best/: the one checkpoint with the best `config.best_metric`, None when
+  that is off. A manager of its own, so that `keep_checkpoints` (the latest, for resuming) never
+  deletes the best; orbax stores the metric with the step, so a resumed run still knows it."""
+  if not config.best_metric:
+    return None
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=1,
+    best_fn=lambda m: m[config.best_metric],
+    best_mode=BEST_MODES[config.best_metric],
+    enable_async_checkpointing=config.async_checkpoints,
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints_best")),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
+
+
+def export_best(
+  best_mngr: ocp.CheckpointManager, target: State, path: str, metadata: dict[str, Any], metric: str
+) -> int:
+  """Writes the best checkpoint's params to `path` (.npz + .json); returns its step."""
+  step = best_mngr.best_step()
+  params = sharding.to_host(
+    best_mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
+  )
+  if jax.process_index() == 0:
+    checkpoint.save_npz(params, path, metadata=dict(metadata, best_step=step, best_metric=metric))
+  return step
+
+
+# --- end of the evaluation hooks ---------------------------------------------------------------
 
 
 def _resume_dir(path: str) -> str:
@@ -198,17 +198,21 @@ def _resume_dir(path: str) -> str:
   for candidate in (os.path.join(path, "checkpoints"), path):
     if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
       return candidate
-  raise ConfigError(f"config.resume={path!r}: no orbax checkpoints there (expected a workdir, "
-                    "its checkpoints/ folder, or a step folder)")
+  raise ConfigError(
+    f"config.resume={path!r}: no orbax checkpoints there (expected a workdir, "
+    "its checkpoints/ folder, or a step folder)"
+  )
 
 
-def initial_state(config, model, tx, mngr: ocp.CheckpointManager, abstract: State,
-                  shardings: Any) -> tuple[State, str]:
+def initial_state(
+  config, model, tx, mngr: ocp.CheckpointManager, abstract: State, shardings: Any
+) -> tuple[State, str]:
   """The resume ladder. Returns the starting state (global arrays with `shardings`) and where it
   came from: 1. the workdir's latest checkpoint; 2. `config.resume`; 3. the pretrained `.npz`
   (the step stays 0); 4. random weights with `config.from_scratch`."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   latest = mngr.latest_step()
   if latest is not None:
     state = mngr.restore(latest, args=ocp.args.StandardRestore(target))
@@ -225,24 +229,30 @@ def initial_state(config, model, tx, mngr: ocp.CheckpointManager, abstract: Stat
     state = omngr.restore(step, args=ocp.args.StandardRestore(target))
     return state, f"resumed from config.resume={other}/{step}"
 
-  init_fn = functools.partial(init_state, model=model, tx=tx, image_size=config.pp.crop,
-                              seed=config.seed)
+  init_fn = functools.partial(
+    steps.init_state, model=model, tx=tx, image_size=config.pp.crop, seed=config.seed
+  )
   path = pretrained_path(config)
   if path is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, "random initialisation (config.from_scratch)"
-  init_params = sharding.to_host(jax.jit(lambda: init_fn()["params"],
-                                         out_shardings=shardings["params"])())
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init_params,
-                                      model_config=model)
+  init_params = sharding.to_host(
+    jax.jit(lambda: init_fn()["params"], out_shardings=shardings["params"])()
+  )
+  params = checkpoint.load_pretrained(
+    pretrained_path=path, init_params=init_params, model_config=model
+  )
   params = sharding.put_global(params, shardings["params"])
-  state = jax.jit(lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                  out_shardings=shardings)(params)
+  state = jax.jit(
+    lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+    out_shardings=shardings,
+  )(params)
   return state, f"pretrained {path}"
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop's helpers.
+
 
 class _Preemption:
   """SIGTERM (pre-emption) sets a flag; the loop saves a checkpoint and stops at the next step."""
@@ -261,8 +271,9 @@ class _Preemption:
     alone would pair one process's allgather with another's at a later step)."""
     if jax.process_count() == 1:
       return self.requested
-    return (step % every == 0
-            and bool(multihost_utils.process_allgather(np.array(self.requested)).any()))
+    return step % every == 0 and bool(
+      multihost_utils.process_allgather(np.array(self.requested)).any()
+    )
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -285,10 +296,11 @@ class _PendingMetrics:
     for s, m in rows:
       if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         raise TrainingDiverged(
-            f"training diverged at step {s}: loss={float(m['loss'])}, grad_norm="
-            f"{float(m['grad_norm'])}. The last good checkpoint (step "
-            f"{self.mngr.latest_step()}) in {self.mngr.directory} is intact; lower "
-            "config.base_lr or check the data.")
+          f"training diverged at step {s}: loss={float(m['loss'])}, grad_norm="
+          f"{float(m['grad_norm'])}. The last good checkpoint (step "
+          f"{self.mngr.latest_step()}) in {self.mngr.directory} is intact; lower "
+          "config.base_lr or check the data."
+        )
     return {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]} if rows else {}
 
 
@@ -302,8 +314,7 @@ def _prefetch(iterator: Iterator, put: Callable, size: int) -> Iterator:
   yield from queue
 
 
-def evaluate(config, info, eval_step: Callable, params: Any, par: sharding.Jit
-             ) -> dict[str, float]:
+def evaluate(config, info, eval_step: Callable, params: Any, par: sharding.Jit) -> dict[str, float]:
   """Accuracy and loss over the whole test split: every example counted once (masked padding)."""
   ds = input_pipeline.get_eval_dataset(config, info)
   totals = None
@@ -312,12 +323,14 @@ def evaluate(config, info, eval_step: Callable, params: Any, par: sharding.Jit
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = par.fetch(totals)
   count = float(totals["count"])
-  return dict(accuracy=float(totals["correct"]) / count, loss=float(totals["loss"]) / count,
-              count=count)
+  return dict(
+    accuracy=float(totals["correct"]) / count, loss=float(totals["loss"]) / count, count=count
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # The ladder.
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes per `config`, writing checkpoints, metrics and the export into `workdir`."""
@@ -330,22 +343,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   info = input_pipeline.get_dataset_info(config)
   model = models.get_model(config.model_name, info.num_classes, **config.model)
   tx, lr_fn = optim.make_optimizer(config)
-  logging.info("process %d/%d, %d local / %d global devices (%s), parallelism=%s%s",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform, config.parallelism,
-               " + FSDP" if config.fsdp else "")
+  logging.info(
+    "process %d/%d, %d local / %d global devices (%s), parallelism=%s%s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+    config.parallelism,
+    " + FSDP" if config.fsdp else "",
+  )
 
   # 3. State: shapes first, created sharded, from the resume ladder.
   mesh = sharding.make_mesh()
-  abstract = jax.eval_shape(functools.partial(
-      init_state, model=model, tx=tx, image_size=config.pp.crop, seed=config.seed))
+  abstract = jax.eval_shape(
+    functools.partial(
+      steps.init_state, model=model, tx=tx, image_size=config.pp.crop, seed=config.seed
+    )
+  )
   shardings = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp)
   par = sharding.parallelism(config.parallelism, mesh, shardings)
   mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), config)
+  best_mngr = best_checkpoint_manager(workdir, config)
   state, origin = initial_state(config, model, tx, mngr, abstract, shardings)
   first_step = int(sharding.to_host(state["step"]))
-  logging.info("initial state: %s (step %d); %s parameters", origin, first_step,
-               f"{sum(x.size for x in jax.tree.leaves(abstract['params'])):,}")
+  logging.info(
+    "initial state: %s (step %d); %s parameters",
+    origin,
+    first_step,
+    f"{sum(x.size for x in jax.tree.leaves(abstract['params'])):,}",
+  )
 
   meta = models.model_metadata(model, image_size=config.pp.crop, class_names=info.class_names)
   if jax.process_index() == 0:
@@ -353,13 +380,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(dict(meta, config=json.loads(config.to_json_best_effort())), f, indent=2)
   writer = metrics.MetricWriter(workdir)
   if first_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(
+      {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+    )
 
   # 4. Steps: one donated update and one evaluation, compiled for the parallelism.
-  train_step = par.train_step(make_train_step(model, tx, lr_fn, config, info.num_classes,
-                                              axis_name=par.axis_name))
-  eval_step = par.eval_step(make_eval_step(model, info.num_classes, axis_name=par.axis_name))
+  train_step = par.train_step(
+    steps.make_train_step(model, tx, lr_fn, config, info.num_classes, axis_name=par.axis_name)
+  )
+  eval_step = par.eval_step(steps.make_eval_step(model, info.num_classes, axis_name=par.axis_name))
   run_state = par.enter(state)
   del state
 
@@ -385,8 +414,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last = step == config.total_steps or stop
       if step % config.progress_every == 0 or last:
         scalars = pending.mean()
-        writer.write(step, {f"train_{k}" if k == "loss" else k: v for k, v in scalars.items()}
-                     | progress.tick(step))
+        writer.write(
+          step,
+          {f"train_{k}" if k == "loss" else k: v for k, v in scalars.items()} | progress.tick(step),
+        )
       if step % config.checkpoint_every == 0 or last:
         with progress.paused():
           pending.mean()
@@ -394,19 +425,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if (step % config.eval_every == 0 or step == config.total_steps) and not stop:
         with progress.paused():
           result = evaluate(config, info, eval_step, run_state["params"], par)
-        logging.info("step %d: test accuracy %.4f, loss %.4f (%d examples)", step,
-                     result["accuracy"], result["loss"], result["count"])
+        logging.info(
+          "step %d: test accuracy %.4f, loss %.4f (%d examples)",
+          step,
+          result["accuracy"],
+          result["loss"],
+          result["count"],
+        )
         writer.write(step, {f"test_{k}": v for k, v in result.items()})
-        summary.update(test_accuracy=result["accuracy"], test_loss=result["loss"],
-                       test_count=int(result["count"]))
+        summary.update(
+          test_accuracy=result["accuracy"],
+          test_loss=result["loss"],
+          test_count=int(result["count"]),
+        )
+        if best_mngr:  # orbax keeps this step only if it beats the best so far
+          with progress.paused():
+            best_mngr.save(
+              step,
+              args=ocp.args.StandardSave(par.canonical(run_state)),
+              metrics={config.best_metric: summary[config.best_metric]},
+              force=True,
+            )
       if stop:
         summary["preempted"] = True
-        logging.warning("pre-empted: saved step %d to %s; rerun the same command to resume",
-                        step, mngr.directory)
+        logging.warning(
+          "pre-empted: saved step %d to %s; rerun the same command to resume", step, mngr.directory
+        )
         break
   finally:
     preemption.restore()
     mngr.wait_until_finished()
+    if best_mngr:
+      best_mngr.wait_until_finished()
     writer.close()
 
   # 6. Export: the original .npz format with the model's metadata.
@@ -416,6 +466,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
       checkpoint.save_npz(params, os.path.join(workdir, "params.npz"), metadata=meta)
       logging.info("exported %s/params.npz (+ params.json) in the original format", workdir)
+  # 7. The evaluation hooks: best_params.npz (config.best_metric), WORKDIR/report (config.report).
+  if step == config.total_steps and best_mngr and best_mngr.best_step() is not None:
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    summary["best_step"] = export_best(
+      best_mngr, target, os.path.join(workdir, "best_params.npz"), meta, config.best_metric
+    )
+  if step == config.total_steps and config.report:
+    from vit_jax import evaluation  # pylint: disable=g-import-not-at-top  (matplotlib, sklearn)
+
+    evaluation.write_report(
+      os.path.join(workdir, "report"),
+      config=config,
+      info=info,
+      params=sharding.to_host(par.canonical(run_state)["params"]),
+      meta=meta,
+      workdir=workdir,
+      source=dict(checkpoint=workdir),
+    )
   summary["seconds"] = time.time() - t_start
   multihost_utils.sync_global_devices("train_and_evaluate done")
   return summary
