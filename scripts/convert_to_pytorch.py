@@ -1,10 +1,11 @@
-r"""Converts a ViT checkpoint to timm or Hugging Face transformers and checks the logits.
+r"""Converts a ViT checkpoint to timm, Hugging Face transformers or ONNX and checks the logits.
 
   python scripts/convert_to_pytorch.py --checkpoint checkpoints/vit_shoes.npz \
       --format hf --output exported/vit_hf
 
 Writes DIR/model.safetensors + DIR/config.json (+ DIR/preprocessor_config.json for hf), reloads
-them in PyTorch and compares the outputs with the Flax model on --num_check_images images; the
+them in PyTorch (--format onnx: DIR/model.onnx, traced from the timm model, run by onnxruntime)
+and compares the outputs with the Flax model on --num_check_images images; the
 folder is written only when the largest difference is within --tolerance. Without the .json
 metadata beside the .npz (an original Google file), pass --model_name (e.g. ViT-B_16).
 --checkpoint may also be a training workdir or an orbax step folder (checkpoint.load_for_inference).
@@ -18,23 +19,22 @@ Serving the hf export from PyTorch (the folder above; any RGB photo):
   predictions = classifier(Image.open("photo.jpg").convert("RGB"), top_k=5)
   print(predictions)  # [{'label': ..., 'score': ...}, ...], best first
 
+Serving any of them (and the Flax checkpoint itself) over HTTP: `python -m vit_jax.serve
+--backend jax|torch|onnx --checkpoint PATH` (docs/serving.md).
+
 A timm export loads with `vit_jax.convert.load_timm(DIR)` or
 `timm.create_model("local-dir:DIR", pretrained=True)`.
 """
 
 # torch and timm before anything that may import tensorflow: the other order segfaults.
-import torch  # pylint: disable=unused-import
-import timm  # pylint: disable=unused-import
-import transformers
-
 import argparse
 import sys
 from typing import Optional, Sequence
 
+import transformers
 from absl import logging
 
-from vit_jax import checkpoint
-from vit_jax import convert
+from vit_jax import checkpoint, convert
 
 
 def _non_negative(value: str) -> int:
@@ -45,19 +45,37 @@ def _non_negative(value: str) -> int:
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--checkpoint", required=True,
-                      help=".npz (with its .json metadata beside it, or an original Google file), "
-                      "a training workdir, or an orbax step folder")
-  parser.add_argument("--model_name", default=None,
-                      help="preset of vit_jax.models.MODEL_CONFIGS; required without metadata")
-  parser.add_argument("--format", required=True, choices=convert.FORMATS)
+  parser.add_argument(
+    "--checkpoint",
+    required=True,
+    help=".npz (with its .json metadata beside it, or an original Google file), "
+    "a training workdir, or an orbax step folder",
+  )
+  parser.add_argument(
+    "--model_name",
+    default=None,
+    help="preset of vit_jax.models.MODEL_CONFIGS; required without metadata",
+  )
+  parser.add_argument("--format", required=True, choices=convert.ALL_FORMATS)
   parser.add_argument("--output", required=True, help="output directory")
-  parser.add_argument("--image_size", type=int, default=None,
-                      help="default: the metadata's, else the position-embedding grid x patch")
-  parser.add_argument("--num_check_images", type=_non_negative, default=4,
-                      help="images for the logit check (0 skips it)")
-  parser.add_argument("--tolerance", type=float, default=convert.DEFAULT_TOLERANCE,
-                      help="largest allowed |PyTorch - Flax| output difference")
+  parser.add_argument(
+    "--image_size",
+    type=int,
+    default=None,
+    help="default: the metadata's, else the position-embedding grid x patch",
+  )
+  parser.add_argument(
+    "--num_check_images",
+    type=_non_negative,
+    default=4,
+    help="images for the logit check (0 skips it)",
+  )
+  parser.add_argument(
+    "--tolerance",
+    type=float,
+    default=convert.DEFAULT_TOLERANCE,
+    help="largest allowed |PyTorch - Flax| output difference",
+  )
   return parser.parse_args(argv)
 
 
@@ -66,18 +84,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.set_verbosity(logging.INFO)
   transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars for 1 load
   try:
-    result = convert.convert(args.checkpoint, args.output, args.format,
-                             model_name=args.model_name, image_size=args.image_size,
-                             num_check_images=args.num_check_images, tolerance=args.tolerance)
+    result = convert.convert(
+      args.checkpoint,
+      args.output,
+      args.format,
+      model_name=args.model_name,
+      image_size=args.image_size,
+      num_check_images=args.num_check_images,
+      tolerance=args.tolerance,
+    )
   except checkpoint.CheckpointError as e:  # includes convert.ConversionError
     print(f"error: {e}", file=sys.stderr)
     return 2
   except convert.ParityError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  diff = ("not checked" if result.max_abs_diff is None else
-          f"max |{result.outputs} difference| vs Flax {result.max_abs_diff:.3g} "
-          f"on {result.num_images} images")
+  diff = (
+    "not checked"
+    if result.max_abs_diff is None
+    else f"max |{result.outputs} difference| vs Flax {result.max_abs_diff:.3g} "
+    f"on {result.num_images} images"
+  )
   print(f"wrote {result.format} {result.outputs} model to {result.output_dir} ({diff})")
   return 0
 

@@ -33,6 +33,7 @@ class PredictError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Preprocessing: the numpy twin of preprocess.eval_preprocess.
 
+
 def _resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """tf.image.resize(method='bilinear', antialias=False) sampling: half-pixel centres, edges
   clamped. Returns (lower index, upper index, weight of upper) per output position."""
@@ -69,7 +70,7 @@ def preprocess(image: np.ndarray, image_size: int, eval_resize: int = 0) -> np.n
   if eval_resize > image_size:
     x = resize_bilinear(image, eval_resize, eval_resize)
     offset = (eval_resize - image_size) // 2
-    x = x[offset:offset + image_size, offset:offset + image_size]
+    x = x[offset : offset + image_size, offset : offset + image_size]
   else:
     x = resize_bilinear(image, image_size, image_size)
   return (x - 127.5) / 127.5
@@ -78,48 +79,59 @@ def preprocess(image: np.ndarray, image_size: int, eval_resize: int = 0) -> np.n
 # ---------------------------------------------------------------------------------------------
 # Model.
 
+
 class Predictor:
   """A checkpoint ready to classify: `Predictor(path)(images) -> probabilities [N, classes]`."""
 
   def __init__(self, path: str):
     # Imported here so that `--help` and argument errors answer without loading JAX.
     import jax  # pylint: disable=g-import-not-at-top
+
     from vit_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
 
     if not os.path.exists(path):
-      raise PredictError(f"{path}: no such checkpoint (expected an .npz, a training workdir or "
-                         "an orbax step folder)")
+      raise PredictError(
+        f"{path}: no such checkpoint (expected an .npz, a training workdir or an orbax step folder)"
+      )
     try:
       params, meta = checkpoint.load_for_inference(path)
     except checkpoint.CheckpointError as e:
       raise PredictError(str(e).splitlines()[0]) from None
     if not meta.get("architecture") or not meta.get("image_size"):
-      raise PredictError(f"{path}: no metadata (model, image size, class names) beside it; "
-                         "use a checkpoint exported by vit_jax.train (params.npz + params.json)")
+      raise PredictError(
+        f"{path}: no metadata (model, image size, class names) beside it; "
+        "use a checkpoint exported by vit_jax.train (params.npz + params.json)"
+      )
     if not meta.get("num_classes"):
       raise PredictError(f"{path}: a feature extractor without a classification head")
     self.image_size = int(meta["image_size"])
-    self.class_names = list(meta.get("class_names") or
-                            [f"class_{i}" for i in range(meta["num_classes"])])
+    self.class_names = list(
+      meta.get("class_names") or [f"class_{i}" for i in range(meta["num_classes"])]
+    )
     self.model_name = meta.get("model_name")
-    model = models.model_from_metadata(meta)
-    self._params = params
-    self._apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x,
-                                                                  train=False)))
+    # The Flax model and its parameters (attention maps use them).
+    self.model = model = models.model_from_metadata(meta)
+    self.params = params
+    self._apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x, train=False)))
     try:  # a params/metadata mismatch fails here, once, with a readable message
       self(np.zeros((1, self.image_size, self.image_size, 3), np.float32))
     except (ValueError, TypeError, KeyError) as e:
-      raise PredictError(f"{path}: the parameters do not match the model in its metadata "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+      raise PredictError(
+        f"{path}: the parameters do not match the model in its metadata "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      ) from None
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    out = [np.asarray(self._apply(self._params, images[i:i + _BATCH]))
-           for i in range(0, len(images), _BATCH)]
+    out = [
+      np.asarray(self._apply(self.params, images[i : i + _BATCH]))
+      for i in range(0, len(images), _BATCH)
+    ]
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
+
 
 def find_images(inputs: Sequence[str]) -> list[str]:
   """Files as given (any extension: a bad one is reported later), folders searched recursively
@@ -129,8 +141,11 @@ def find_images(inputs: Sequence[str]) -> list[str]:
     if os.path.isdir(item):
       for dirpath, dirnames, filenames in os.walk(item):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        paths += [
+          os.path.join(dirpath, f)
+          for f in sorted(filenames)
+          if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
     else:
       paths.append(item)
   return paths
@@ -142,8 +157,9 @@ def predict(checkpoint_path: str, inputs: Sequence[str], top_k: int = 3) -> dict
   probability}]}], errors: [{image, error}]}. Raises PredictError for a bad checkpoint."""
   paths = find_images(inputs)
   if not paths:
-    raise PredictError(f"no images found in {', '.join(inputs)} "
-                       f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    raise PredictError(
+      f"no images found in {', '.join(inputs)} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+    )
   predictor = Predictor(checkpoint_path)
   images, good, errors = [], [], []
   for path in paths:
@@ -158,11 +174,20 @@ def predict(checkpoint_path: str, inputs: Sequence[str], top_k: int = 3) -> dict
   predictions = []
   for path, p in zip(good, probs):
     best = np.argsort(-p, kind="stable")[:k]
-    predictions.append(dict(image=path, top_k=[
-        dict(label=predictor.class_names[i], probability=float(p[i])) for i in best]))
-  return dict(checkpoint=checkpoint_path, model_name=predictor.model_name,
-              image_size=predictor.image_size, class_names=predictor.class_names,
-              predictions=predictions, errors=errors)
+    predictions.append(
+      dict(
+        image=path,
+        top_k=[dict(label=predictor.class_names[i], probability=float(p[i])) for i in best],
+      )
+    )
+  return dict(
+    checkpoint=checkpoint_path,
+    model_name=predictor.model_name,
+    image_size=predictor.image_size,
+    class_names=predictor.class_names,
+    predictions=predictions,
+    errors=errors,
+  )
 
 
 def _format_text(result: dict[str, Any]) -> str:
@@ -176,9 +201,11 @@ def _format_text(result: dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m vit_jax.predict", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--checkpoint", required=True,
-                      help="exported .npz, training workdir, or orbax step folder")
+    prog="python -m vit_jax.predict", description=__doc__.split("\n\n")[0]
+  )
+  parser.add_argument(
+    "--checkpoint", required=True, help="exported .npz, training workdir, or orbax step folder"
+  )
   parser.add_argument("--top_k", type=int, default=3, help="classes shown per image")
   parser.add_argument("--json", action="store_true", help="print one JSON document")
   parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
