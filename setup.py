@@ -13,18 +13,18 @@ def _requirements(name: str) -> list[str]:
 
 
 setuptools.setup(
-    name="vit_jax",
-    version="0.1.0",
-    description="Fine-tune the original Google Vision Transformer checkpoints in JAX/Flax.",
-    long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    packages=["vit_jax", "configs"],  # configs: `from configs import shoes` anywhere
-    python_requires=">=3.10",
-    install_requires=_requirements("requirements.txt"),
-    extras_require={
-        # PyTorch side: conversion to timm / Hugging Face and the parity tests.
-        "torch": _requirements("requirements-torch.txt"),
-        "test": _requirements("requirements-test.txt"),
-    },
-    license="Apache-2.0",
+  name="vit_jax",
+  version="0.1.0",
+  description="Fine-tune the original Google Vision Transformer checkpoints in JAX/Flax.",
+  long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
+  long_description_content_type="text/markdown",
+  packages=["vit_jax", "configs"],  # configs: `from configs import shoes` anywhere
+  python_requires=">=3.10",
+  install_requires=_requirements("requirements.txt"),
+  extras_require={
+    # PyTorch side: conversion to timm / Hugging Face and the parity tests.
+    "torch": _requirements("requirements-torch.txt"),
+    "test": _requirements("requirements-test.txt"),
+  },
+  license="Apache-2.0",
 )

@@ -27,8 +27,13 @@ import ml_collections
 
 from configs import common
 
-_MODELS = {"ti16": "ViT-Ti_16", "s16": "ViT-S_16", "b16": "ViT-B_16", "b32": "ViT-B_32",
-           "l16": "ViT-L_16"}
+_MODELS = {
+  "ti16": "ViT-Ti_16",
+  "s16": "ViT-S_16",
+  "b16": "ViT-B_16",
+  "b32": "ViT-B_32",
+  "l16": "ViT-L_16",
+}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

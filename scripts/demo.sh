@@ -127,8 +127,9 @@ echo "== pretrained checkpoint: $PRETRAINED"
 # --- 2. Fine-tune on the 3 footwear classes; 3. the same from random weights -----------------------
 finetune() {
   run "$PY" -m vit_jax.main --config=configs/shoes.py:demo --workdir="$WORKDIR/finetune" \
-      --config.pretrained_path="$PRETRAINED" \
+      --config.pretrained_path="$PRETRAINED" --config.report=True \
       ${FMNIST_ARGS[@]+"${FMNIST_ARGS[@]}"} ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
+  echo "== evaluation report: $WORKDIR/finetune/report/report.html"
 }
 scratch() {
   run "$PY" -m vit_jax.main --config=configs/shoes.py:demo --workdir="$WORKDIR/scratch" \
@@ -153,11 +154,8 @@ convert() {
   run "$PY" scripts/convert_to_pytorch.py --checkpoint "$WORKDIR/finetune/params.npz" \
       --format timm --output "$WORKDIR/convert/timm"
 }
-if [ -f scripts/convert_to_pytorch.py ] && [ -f vit_jax/convert.py ]; then
-  stage convert convert
-else
-  echo "== convert: skipped: scripts/convert_to_pytorch.py is not in this checkout yet"
-fi
+stage convert convert
 
 # --- Summary ---------------------------------------------------------------------------------------
 "$PY" scripts/demo_tools.py summary "$WORKDIR" "$PRETRAINED" "$T0" "$QUICK"
+echo "== try it: $PY -m vit_jax.serve --checkpoint $WORKDIR/finetune   (then open http://127.0.0.1:8000/)"

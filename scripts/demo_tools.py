@@ -1,12 +1,12 @@
 """Helpers of scripts/demo.sh (not meant to be run by hand).
 
-  demo_tools.py stage FOLDER START_TIME         writes FOLDER/stage.json (seconds, commands, accuracy)
-  demo_tools.py samples FOLDER [FMNIST_DIR]     writes 2 held-out test PNGs per footwear class
-  demo_tools.py show PREDICTIONS_JSON           prints predictions next to the true classes
-  demo_tools.py summary WORKDIR PRETRAINED START_TIME QUICK   writes WORKDIR/summary.json
-  demo_tools.py few_shot OUT.npz N [FMNIST_DIR]  Fashion-MNIST as an .npz with only the first N
-                                                training images of each footwear class (the test
-                                                split whole): --config.fashion_mnist_dir=OUT.npz
+demo_tools.py stage FOLDER START_TIME         writes FOLDER/stage.json (seconds, commands, accuracy)
+demo_tools.py samples FOLDER [FMNIST_DIR]     writes 2 held-out test PNGs per footwear class
+demo_tools.py show PREDICTIONS_JSON           prints predictions next to the true classes
+demo_tools.py summary WORKDIR PRETRAINED START_TIME QUICK   writes WORKDIR/summary.json
+demo_tools.py few_shot OUT.npz N [FMNIST_DIR]  Fashion-MNIST as an .npz with only the first N
+                                              training images of each footwear class (the test
+                                              split whole): --config.fashion_mnist_dir=OUT.npz
 """
 
 import json
@@ -28,15 +28,19 @@ def _read_json(path: str) -> Any:
 def write_stage(folder: str, start_time: float) -> dict[str, Any]:
   """Records a finished stage: wall seconds, its commands, and its training's last evaluation."""
   with open(os.path.join(folder, "commands.txt")) as f:
-    record: dict[str, Any] = dict(seconds=round(time.time() - start_time, 1),
-                                  commands=f.read().splitlines())
+    record: dict[str, Any] = dict(
+      seconds=round(time.time() - start_time, 1), commands=f.read().splitlines()
+    )
   metrics = os.path.join(folder, "metrics.jsonl")
   if os.path.exists(metrics):
     with open(metrics) as f:
       evals = [r for r in map(json.loads, f) if "test_accuracy" in r]
     if evals:
-      record.update(test_accuracy=evals[-1]["test_accuracy"], step=evals[-1]["step"],
-                    test_count=int(evals[-1]["test_count"]))
+      record.update(
+        test_accuracy=evals[-1]["test_accuracy"],
+        step=evals[-1]["step"],
+        test_count=int(evals[-1]["test_count"]),
+      )
   with open(os.path.join(folder, "stage.json"), "w") as f:
     json.dump(record, f, indent=2)
   accuracy = f", test accuracy {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
@@ -52,8 +56,10 @@ def _true_class(image_path: str) -> str:
 def write_samples(folder: str, fashion_mnist_dir: Optional[str] = None) -> None:
   """Saves the first test images of each footwear class as 28x28 PNGs (held out: test split)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from configs import shoes  # pylint: disable=g-import-not-at-top
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
   config = shoes.get_config("demo")
   if fashion_mnist_dir:
     with config.unlocked():
@@ -74,46 +80,59 @@ def show_predictions(path: str) -> None:
     best = p["top_k"][0]
     mark = "ok   " if best["label"] == _true_class(p["image"]) else "WRONG"
     others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top_k"][1:])
-    print(f"{mark} {os.path.basename(p['image']):<28} -> {best['label']:<10} "
-          f"{best['probability']:.3f}  ({others})")
+    print(
+      f"{mark} {os.path.basename(p['image']):<28} -> {best['label']:<10} "
+      f"{best['probability']:.3f}  ({others})"
+    )
   for e in result["errors"]:
     print(f"error {e['image']}: {e['error']}")
 
 
 def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool) -> None:
-  stages = {name: _read_json(os.path.join(workdir, name, "stage.json")) for name in STAGES
-            if os.path.exists(os.path.join(workdir, name, "stage.json"))}
+  stages = {
+    name: _read_json(os.path.join(workdir, name, "stage.json"))
+    for name in STAGES
+    if os.path.exists(os.path.join(workdir, name, "stage.json"))
+  }
   predictions = _read_json(os.path.join(workdir, "predict", "predictions.json"))["predictions"]
   correct = sum(p["top_k"][0]["label"] == _true_class(p["image"]) for p in predictions)
   timm_dir = os.path.join(workdir, "convert", "timm")
   summary = dict(
-      test_accuracy=stages["finetune"]["test_accuracy"],
-      scratch_test_accuracy=stages["scratch"]["test_accuracy"],
-      pretrain_test_accuracy=stages["pretrain"]["test_accuracy"],
-      test_count=stages["finetune"]["test_count"],
-      seconds=round(sum(s["seconds"] for s in stages.values()), 1),
-      stage_seconds={k: s["seconds"] for k, s in stages.items()},
-      wall_seconds_this_run=round(time.time() - start_time, 1),
-      quick=quick,
-      sample_predictions_correct=f"{correct}/{len(predictions)}",
-      paths=dict(
-          pretrained_checkpoint=pretrained,
-          finetuned_npz=os.path.join(workdir, "finetune", "params.npz"),
-          scratch_npz=os.path.join(workdir, "scratch", "params.npz"),
-          samples=os.path.join(workdir, "samples"),
-          predictions=os.path.join(workdir, "predict", "predictions.json"),
-          timm_model=timm_dir if os.path.isdir(timm_dir) else None),
-      commands={k: s["commands"] for k, s in stages.items()})
+    test_accuracy=stages["finetune"]["test_accuracy"],
+    scratch_test_accuracy=stages["scratch"]["test_accuracy"],
+    pretrain_test_accuracy=stages["pretrain"]["test_accuracy"],
+    test_count=stages["finetune"]["test_count"],
+    seconds=round(sum(s["seconds"] for s in stages.values()), 1),
+    stage_seconds={k: s["seconds"] for k, s in stages.items()},
+    wall_seconds_this_run=round(time.time() - start_time, 1),
+    quick=quick,
+    sample_predictions_correct=f"{correct}/{len(predictions)}",
+    paths=dict(
+      pretrained_checkpoint=pretrained,
+      finetuned_npz=os.path.join(workdir, "finetune", "params.npz"),
+      scratch_npz=os.path.join(workdir, "scratch", "params.npz"),
+      samples=os.path.join(workdir, "samples"),
+      predictions=os.path.join(workdir, "predict", "predictions.json"),
+      timm_model=timm_dir if os.path.isdir(timm_dir) else None,
+    ),
+    commands={k: s["commands"] for k, s in stages.items()},
+  )
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   note = " (DEMO_QUICK: a smoke test, not the real numbers)" if quick else ""
   print(f"\n== Offline demo done: {summary['seconds']:.0f} s in all{note}")
-  print(f"  pretrained, 7 non-footwear classes:      test accuracy "
-        f"{summary['pretrain_test_accuracy']:.4f}")
-  print(f"  fine-tuned on the 3 footwear classes:    test accuracy "
-        f"{summary['test_accuracy']:.4f} ({summary['test_count']} images)")
-  print(f"  same fine-tuning from random weights:    test accuracy "
-        f"{summary['scratch_test_accuracy']:.4f}")
+  print(
+    f"  pretrained, 7 non-footwear classes:      test accuracy "
+    f"{summary['pretrain_test_accuracy']:.4f}"
+  )
+  print(
+    f"  fine-tuned on the 3 footwear classes:    test accuracy "
+    f"{summary['test_accuracy']:.4f} ({summary['test_count']} images)"
+  )
+  print(
+    f"  same fine-tuning from random weights:    test accuracy "
+    f"{summary['scratch_test_accuracy']:.4f}"
+  )
   print(f"  sample images classified correctly:      {summary['sample_predictions_correct']}")
   print("Results:")
   for key, value in summary["paths"].items():
@@ -124,16 +143,26 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
 def write_few_shot(path: str, per_class: int, fashion_mnist_dir: Optional[str] = None) -> None:
   """The low-data fine-tuning set: where a pretrained start is expected to pay off."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from vit_jax import data_sources  # pylint: disable=g-import-not-at-top
+
   arrays = data_sources.load_fashion_mnist(data_sources.find_fashion_mnist(fashion_mnist_dir or ""))
   images, labels = arrays["train"]
-  footwear = [data_sources.FASHION_MNIST_CLASSES.index(c) for c in ("Sandal", "Sneaker",
-                                                                      "Ankle boot")]
+  footwear = [
+    data_sources.FASHION_MNIST_CLASSES.index(c) for c in ("Sandal", "Sneaker", "Ankle boot")
+  ]
   keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in footwear])
-  np.savez(path, x_train=images[keep], y_train=labels[keep], x_test=arrays["test"][0],
-           y_test=arrays["test"][1])
-  print(f"{path}: {len(keep)} training images ({per_class} per footwear class), "
-        f"{len(arrays['test'][1])} test images")
+  np.savez(
+    path,
+    x_train=images[keep],
+    y_train=labels[keep],
+    x_test=arrays["test"][0],
+    y_test=arrays["test"][1],
+  )
+  print(
+    f"{path}: {len(keep)} training images ({per_class} per footwear class), "
+    f"{len(arrays['test'][1])} test images"
+  )
 
 
 def main(argv: list[str]) -> None:

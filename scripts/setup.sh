@@ -16,4 +16,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
     >/dev/null 2>&1 || echo "note: could not install dataset-fashion-mnist (the demo needs it)"
 fi
+# Debian's headless Chromium and its driver: tests/test_evaluate.py opens report.html in them.
+if [ ! -x /usr/bin/chromedriver ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver) \
+    >/dev/null 2>&1 || echo "note: could not install chromium (the report's browser test skips)"
+fi
 echo "setup done: $(.venv/bin/python -c 'import jax, flax, torch, timm; print("jax", jax.__version__, "flax", flax.__version__, "torch", torch.__version__, "timm", timm.__version__)')"

@@ -12,8 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 try:
-  import torch  # noqa: F401  (import order, see above)
   import timm  # noqa: F401
+  import torch  # noqa: F401  (import order, see above)
 except ImportError:
   pass
 

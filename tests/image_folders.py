@@ -8,8 +8,9 @@ from PIL import Image
 COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
 
 
-def write_colour_folder(root: os.PathLike, train_per_class: int = 24,
-                        test_per_class: int = 7) -> str:
+def write_colour_folder(
+  root: os.PathLike, train_per_class: int = 24, test_per_class: int = 7
+) -> str:
   """ROOT/{train,test}/<colour>/*.jpg: noisy 40x40 solid colours, 3 classes, deterministic.
 
   The defaults give 72 train and 21 test images: 21 is no multiple of the `testing` config's

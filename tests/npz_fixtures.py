@@ -11,9 +11,20 @@ nonzero biases and head), so a wrong transpose or a GELU mismatch shows in the l
 import numpy as np
 
 
-def google_vit_arrays(*, hidden: int, mlp: int, heads: int, layers: int, patch: int, grid: int,
-                      num_classes: int, pre_logits: bool = False, zero_head: bool = False,
-                      classifier: str = "token", seed: int = 0) -> dict[str, np.ndarray]:
+def google_vit_arrays(
+  *,
+  hidden: int,
+  mlp: int,
+  heads: int,
+  layers: int,
+  patch: int,
+  grid: int,
+  num_classes: int,
+  pre_logits: bool = False,
+  zero_head: bool = False,
+  classifier: str = "token",
+  seed: int = 0,
+) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   f32 = np.float32
 
@@ -26,11 +37,11 @@ def google_vit_arrays(*, hidden: int, mlp: int, heads: int, layers: int, patch: 
   hd = hidden // heads
   tokens = grid * grid + (1 if classifier == "token" else 0)
   a = {
-      "embedding/kernel": kernel(patch, patch, 3, hidden, fan_in=patch * patch * 3),
-      "embedding/bias": vec(hidden),
-      "Transformer/posembed_input/pos_embedding": vec((1, tokens, hidden), 0.5),
-      "Transformer/encoder_norm/scale": vec(hidden, 0.2, 1.0),
-      "Transformer/encoder_norm/bias": vec(hidden),
+    "embedding/kernel": kernel(patch, patch, 3, hidden, fan_in=patch * patch * 3),
+    "embedding/bias": vec(hidden),
+    "Transformer/posembed_input/pos_embedding": vec((1, tokens, hidden), 0.5),
+    "Transformer/encoder_norm/scale": vec(hidden, 0.2, 1.0),
+    "Transformer/encoder_norm/bias": vec(hidden),
   }
   if classifier == "token":
     a["cls"] = vec((1, 1, hidden), 0.5)
@@ -52,15 +63,27 @@ def google_vit_arrays(*, hidden: int, mlp: int, heads: int, layers: int, patch: 
     a["pre_logits/kernel"] = kernel(hidden, hidden, fan_in=hidden)
     a["pre_logits/bias"] = vec(hidden)
   if num_classes:
-    a["head/kernel"] = (np.zeros((hidden, num_classes), f32) if zero_head
-                        else kernel(hidden, num_classes, fan_in=hidden))
+    a["head/kernel"] = (
+      np.zeros((hidden, num_classes), f32)
+      if zero_head
+      else kernel(hidden, num_classes, fan_in=hidden)
+    )
     a["head/bias"] = np.zeros(num_classes, f32) if zero_head else vec(num_classes)
   return a
 
 
 # The real ViT-B/16 ImageNet-21k file: 202 arrays, pre_logits, zeroed 21843-class head.
-B16_IN21K = dict(hidden=768, mlp=3072, heads=12, layers=12, patch=16, grid=14, num_classes=21843,
-                 pre_logits=True, zero_head=True)
+B16_IN21K = dict(
+  hidden=768,
+  mlp=3072,
+  heads=12,
+  layers=12,
+  patch=16,
+  grid=14,
+  num_classes=21843,
+  pre_logits=True,
+  zero_head=True,
+)
 TINY = dict(hidden=32, mlp=64, heads=4, layers=2, patch=8, grid=4, num_classes=5)
 
 
@@ -69,21 +92,24 @@ def write_npz(path, arrays: dict[str, np.ndarray]) -> str:
   return str(path)
 
 
-def hybrid_arrays(*, num_layers: tuple[int, ...], width: int, seed: int = 1,
-                  **vit) -> dict[str, np.ndarray]:
+def hybrid_arrays(
+  *, num_layers: tuple[int, ...], width: int, seed: int = 1, **vit
+) -> dict[str, np.ndarray]:
   """A ResNet+ViT hybrid file: the ViT keys with an embedding over the stem's channels, plus
   `conv_root`, `gn_root` and `block{s}/unit{u}/...`, the GroupNorm parameters stored
   (1, 1, 1, C) as in the published R_Ti_16 / R50 files."""
   rng = np.random.default_rng(seed)
   f32 = np.float32
-  gn = lambda c: {"scale": (1 + 0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32),
-                  "bias": (0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32)}
+  gn = lambda c: {
+    "scale": (1 + 0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32),
+    "bias": (0.2 * rng.standard_normal((1, 1, 1, c))).astype(f32),
+  }
   conv = lambda k, cin, cout: rng.standard_normal((k, k, cin, cout)).astype(f32)
   a = {"conv_root/kernel": conv(7, 3, width)}
   a.update({f"gn_root/{k}": v for k, v in gn(width).items()})
   cin = width
   for s, units in enumerate(num_layers):
-    w = width * 2 ** s
+    w = width * 2**s
     for u in range(units):
       p = f"block{s + 1}/unit{u + 1}/"
       for r, (k, ci, co) in enumerate(((1, cin, w), (3, w, w), (1, w, 4 * w)), 1):
@@ -95,6 +121,7 @@ def hybrid_arrays(*, num_layers: tuple[int, ...], width: int, seed: int = 1,
       cin = 4 * w
   vit_arrays = google_vit_arrays(**vit)
   patch, hidden = vit["patch"], vit["hidden"]
-  vit_arrays["embedding/kernel"] = (rng.standard_normal((patch, patch, cin, hidden)) /
-                                    np.sqrt(patch * patch * cin)).astype(f32)
+  vit_arrays["embedding/kernel"] = (
+    rng.standard_normal((patch, patch, cin, hidden)) / np.sqrt(patch * patch * cin)
+  ).astype(f32)
   return {**a, **vit_arrays}

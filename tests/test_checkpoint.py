@@ -25,15 +25,28 @@ torch.set_num_threads(2)
 
 def _flax_model(f, num_classes, **kw):
   return models_vit.VisionTransformer(
-      num_classes=num_classes, patch_size=f["patch"], hidden_size=f["hidden"], mlp_dim=f["mlp"],
-      num_heads=f["heads"], num_layers=f["layers"], **kw)
+    num_classes=num_classes,
+    patch_size=f["patch"],
+    hidden_size=f["hidden"],
+    mlp_dim=f["mlp"],
+    num_heads=f["heads"],
+    num_layers=f["layers"],
+    **kw,
+  )
 
 
 def _timm_model(f, num_classes, image_size, **kw):
   return timm.models.vision_transformer.VisionTransformer(
-      img_size=image_size, patch_size=f["patch"], embed_dim=f["hidden"], depth=f["layers"],
-      num_heads=f["heads"], mlp_ratio=f["mlp"] / f["hidden"], num_classes=num_classes,
-      act_layer="gelu_tanh", **kw).eval()
+    img_size=image_size,
+    patch_size=f["patch"],
+    embed_dim=f["hidden"],
+    depth=f["layers"],
+    num_heads=f["heads"],
+    mlp_ratio=f["mlp"] / f["hidden"],
+    num_classes=num_classes,
+    act_layer="gelu_tanh",
+    **kw,
+  ).eval()
 
 
 def _images(n, size, seed=0):
@@ -68,13 +81,15 @@ def tiny_npz(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Loading: exact structure and the same function as timm.
 
+
 def test_load_gives_exactly_the_model_tree(tiny_npz):
   f = npz_fixtures.TINY
   model = _flax_model(f, f["num_classes"])
   want = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   want = {k: v.shape for k, v in traverse_util.flatten_dict(want["params"], sep="/").items()}
-  got = {k: v.shape for k, v in traverse_util.flatten_dict(checkpoint.load(tiny_npz),
-                                                            sep="/").items()}
+  got = {
+    k: v.shape for k, v in traverse_util.flatten_dict(checkpoint.load(tiny_npz), sep="/").items()
+  }
   assert got == want
 
 
@@ -92,8 +107,9 @@ def test_gap_classifier_logits_match_timm(tmp_path):
   x = _images(2, 32)
   flax_out = _flax_model(f, 5, classifier="gap").apply({"params": checkpoint.load(path)}, x)
   timm_model = _timm_model(f, 5, 32, class_token=False, global_pool="avg", fc_norm=False)
-  np.testing.assert_allclose(flax_out, _timm_forward(_timm_load_strict(timm_model, path), x),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    flax_out, _timm_forward(_timm_load_strict(timm_model, path), x), atol=1e-5, rtol=1e-5
+  )
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +133,16 @@ def test_b16_in21k_features_match_timm(b16_in21k):
   x = _images(1, 224)
   params = checkpoint.load(b16_in21k)
   feats = _flax_model(f, 0).apply(
-      {"params": {k: v for k, v in params.items() if k not in ("pre_logits", "head")}}, x)
-  timm_model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
-                                 act_layer="gelu_tanh").eval()
+    {"params": {k: v for k, v in params.items() if k not in ("pre_logits", "head")}}, x
+  )
+  timm_model = timm.create_model(
+    "vit_base_patch16_224", pretrained=False, num_classes=0, act_layer="gelu_tanh"
+  ).eval()
   timm_model.load_pretrained(b16_in21k)
   np.testing.assert_allclose(feats, _timm_forward(timm_model, x), atol=1e-5, rtol=1e-5)
   rep = _flax_model(f, 0, representation_size=768).apply(
-      {"params": {k: v for k, v in params.items() if k != "head"}}, x)
+    {"params": {k: v for k, v in params.items() if k != "head"}}, x
+  )
   pl = params["pre_logits"]
   np.testing.assert_allclose(rep, np.tanh(feats @ pl["kernel"] + pl["bias"]), atol=1e-5)
 
@@ -133,14 +152,17 @@ def test_b16_finetuned_head_logits_match_timm(tmp_path):
   path = npz_fixtures.write_npz(tmp_path / "b16_ft.npz", npz_fixtures.google_vit_arrays(**f))
   x = _images(1, 224, seed=3)
   flax_out = models.get_model("ViT-B_16", 10).apply({"params": checkpoint.load(path)}, x)
-  timm_model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10,
-                                 act_layer="gelu_tanh").eval()
-  np.testing.assert_allclose(flax_out, _timm_forward(_timm_load_strict(timm_model, path), x),
-                             atol=1e-5, rtol=1e-5)
+  timm_model = timm.create_model(
+    "vit_base_patch16_224", pretrained=False, num_classes=10, act_layer="gelu_tanh"
+  ).eval()
+  np.testing.assert_allclose(
+    flax_out, _timm_forward(_timm_load_strict(timm_model, path), x), atol=1e-5, rtol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning from a pretrained file.
+
 
 def _init_params(model, image_size):
   x = jnp.zeros((1, image_size, image_size, 3))
@@ -159,8 +181,7 @@ def test_load_pretrained_drops_pre_logits_resets_head_and_resizes(tmp_path, capl
   np.testing.assert_array_equal(params["head"]["kernel"], init["head"]["kernel"])
   pos = params["Transformer"]["posembed_input"]["pos_embedding"]
   assert pos.shape == (1, 50, 32)
-  np.testing.assert_array_equal(pos[:, 0],
-                                arrays["Transformer/posembed_input/pos_embedding"][:, 0])
+  np.testing.assert_array_equal(pos[:, 0], arrays["Transformer/posembed_input/pos_embedding"][:, 0])
   np.testing.assert_array_equal(params["embedding"]["kernel"], arrays["embedding/kernel"])
   assert "drop-head variant" in caplog.text and "resized variant" in caplog.text
   assert "head reset" in caplog.text
@@ -184,13 +205,15 @@ def test_representation_layer_is_kept_when_the_model_has_one(tmp_path):
   arrays = npz_fixtures.google_vit_arrays(**f)
   path = npz_fixtures.write_npz(tmp_path / "rep.npz", arrays)
   model = _flax_model(f, 5, representation_size=32)
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=_init_params(model, 32),
-                                      model_config=model)
+  params = checkpoint.load_pretrained(
+    pretrained_path=path, init_params=_init_params(model, 32), model_config=model
+  )
   np.testing.assert_array_equal(params["pre_logits"]["kernel"], arrays["pre_logits/kernel"])
 
 
 # ---------------------------------------------------------------------------------------------
 # Export.
+
 
 def test_save_npz_then_load_is_bit_exact(tiny_npz, tmp_path):
   params = checkpoint.load(tiny_npz)
@@ -221,14 +244,17 @@ def test_bfloat16_and_float16_arrays_load_as_float32(tmp_path):
   params = checkpoint.load(path)
   assert params["embedding"]["kernel"].dtype == np.float32
   np.testing.assert_array_equal(
-      params["embedding"]["kernel"],
-      arrays["embedding/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
-  np.testing.assert_array_equal(params["head"]["kernel"],
-                                arrays["head/kernel"].astype(np.float16).astype(np.float32))
+    params["embedding"]["kernel"],
+    arrays["embedding/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32),
+  )
+  np.testing.assert_array_equal(
+    params["head"]["kernel"], arrays["head/kernel"].astype(np.float16).astype(np.float32)
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad files: one clear error naming the file (and the key and shapes where that is the issue).
+
 
 def test_truncated_file_is_a_clear_error(tiny_npz, tmp_path):
   data = open(tiny_npz, "rb").read()
@@ -241,7 +267,7 @@ def test_truncated_file_is_a_clear_error(tiny_npz, tmp_path):
 def test_corrupt_bytes_inside_an_array_are_a_clear_error(tiny_npz, tmp_path):
   data = bytearray(open(tiny_npz, "rb").read())
   mid = len(data) // 2
-  data[mid:mid + 64] = bytes(64)
+  data[mid : mid + 64] = bytes(64)
   path = tmp_path / "corrupt.npz"
   path.write_bytes(bytes(data))
   with pytest.raises(checkpoint.CheckpointError, match=r"corrupt\.npz: not a readable"):
@@ -264,14 +290,22 @@ def _timm_hybrid(num_layers, width_factor, f, num_classes, image_size):
   """timm's hybrid ViT, its stem built as timm's own `vision_transformer_hybrid._resnetv2`."""
   from timm.layers import StdConv2dSame  # pylint: disable=g-import-not-at-top
   from timm.models import resnetv2, vision_transformer_hybrid  # pylint: disable=g-import-not-at-top
+
   conv = functools.partial(StdConv2dSame, eps=1e-8)
   if num_layers:
-    backbone = resnetv2.ResNetV2(layers=list(num_layers), num_classes=0, global_pool="",
-                                 preact=False, stem_type="same", conv_layer=conv,
-                                 width_factor=width_factor)
+    backbone = resnetv2.ResNetV2(
+      layers=list(num_layers),
+      num_classes=0,
+      global_pool="",
+      preact=False,
+      stem_type="same",
+      conv_layer=conv,
+      width_factor=width_factor,
+    )
   else:
-    backbone = resnetv2.create_resnetv2_stem(3, out_chs=int(64 * width_factor), stem_type="same",
-                                             preact=False, conv_layer=conv)
+    backbone = resnetv2.create_resnetv2_stem(
+      3, out_chs=int(64 * width_factor), stem_type="same", preact=False, conv_layer=conv
+    )
   embed = functools.partial(vision_transformer_hybrid.HybridEmbed, backbone=backbone)
   return _timm_model(f, num_classes, image_size, embed_layer=embed)
 
@@ -281,16 +315,19 @@ def test_hybrid_logits_match_timm(tmp_path, stem):
   num_layers, width_factor, patch = _HYBRIDS[stem]
   f = dict(npz_fixtures.TINY, patch=patch)
   width = int(64 * width_factor)
-  path = npz_fixtures.write_npz(tmp_path / f"{stem}.npz", npz_fixtures.hybrid_arrays(
-      num_layers=num_layers, width=width, **f))
+  path = npz_fixtures.write_npz(
+    tmp_path / f"{stem}.npz", npz_fixtures.hybrid_arrays(num_layers=num_layers, width=width, **f)
+  )
   params = checkpoint.load(path)
   assert params["gn_root"]["scale"].shape == (width,)  # stored (1, 1, 1, C)
-  model = _flax_model(f, f["num_classes"],
-                      resnet=dict(num_layers=num_layers, width_factor=width_factor))
+  model = _flax_model(
+    f, f["num_classes"], resnet=dict(num_layers=num_layers, width_factor=width_factor)
+  )
   x = _images(2, 32)
   flax_out = np.asarray(model.apply({"params": params}, x))
-  timm_model = _timm_load_strict(_timm_hybrid(num_layers, width_factor, f, f["num_classes"], 32),
-                                 path)
+  timm_model = _timm_load_strict(
+    _timm_hybrid(num_layers, width_factor, f, f["num_classes"], 32), path
+  )
   # timm's GroupNorm epsilon is 1e-5, Flax's 1e-6; its StdConv adds 1e-8 to the variance where
   # the original adds 1e-5 to the standard deviation.
   np.testing.assert_allclose(flax_out, _timm_forward(timm_model, x), atol=1e-3, rtol=1e-3)
@@ -305,12 +342,14 @@ def test_r50_b16_in21k_file_loads_for_fine_tuning_and_matches_timm(tmp_path):
   path = npz_fixtures.write_npz(tmp_path / "R50+ViT-B_16.npz", arrays)
   model = models.get_model("R50+ViT-B_16", 0)
   init = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init,
-                                      model_config=model)  # drops pre_logits and the head
+  params = checkpoint.load_pretrained(
+    pretrained_path=path, init_params=init, model_config=model
+  )  # drops pre_logits and the head
   x = _images(1, 224)
   feats = np.asarray(model.apply({"params": params}, x))
-  timm_model = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0,
-                                 act_layer="gelu_tanh").eval()
+  timm_model = timm.create_model(
+    "vit_base_r50_s16_224", pretrained=False, num_classes=0, act_layer="gelu_tanh"
+  ).eval()
   timm_model.load_pretrained(path)
   # timm's GroupNorm / StdConv epsilons differ from the original's (§2.4: 2.6e-4 measured).
   np.testing.assert_allclose(feats, _timm_forward(timm_model, x), atol=2e-3, rtol=1e-3)
@@ -332,17 +371,22 @@ def test_hybrid_load_pretrained_resizes_the_grid_and_keeps_the_stem(tmp_path):
 def test_checkpoint_of_another_depth_lists_the_keys(tiny_npz):
   f = dict(npz_fixtures.TINY, layers=3)
   model = _flax_model(f, 5)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"(?s)tiny\.npz: does not match the model.*encoderblock_2"):
-    checkpoint.load_pretrained(pretrained_path=tiny_npz, init_params=_init_params(model, 32),
-                               model_config=model)
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"(?s)tiny\.npz: does not match the model.*encoderblock_2"
+  ):
+    checkpoint.load_pretrained(
+      pretrained_path=tiny_npz, init_params=_init_params(model, 32), model_config=model
+    )
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tiny_npz):
   f = dict(npz_fixtures.TINY, mlp=128)
   model = _flax_model(f, 5)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"tiny\.npz: .*MlpBlock_0/Dense_0/bias has shape \(64,\) in the file, "
-                           r"the model expects \(128,\)"):
-    checkpoint.load_pretrained(pretrained_path=tiny_npz, init_params=_init_params(model, 32),
-                               model_config=model)
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"tiny\.npz: .*MlpBlock_0/Dense_0/bias has shape \(64,\) in the file, "
+    r"the model expects \(128,\)",
+  ):
+    checkpoint.load_pretrained(
+      pretrained_path=tiny_npz, init_params=_init_params(model, 32), model_config=model
+    )

@@ -4,11 +4,10 @@ import sys
 
 # `import tensorflow` and then triton (which timm/torchvision import) segfaults: say so instead.
 if "tensorflow" in sys.modules and "triton" not in sys.modules:
-  raise ImportError("tensorflow was imported before torch/timm in this pytest process; put "
-                    "`import torch, timm` at the top of tests/conftest.py")
-import torch  # first: before anything imports tensorflow
-import timm
-
+  raise ImportError(
+    "tensorflow was imported before torch/timm in this pytest process; put "
+    "`import torch, timm` at the top of tests/conftest.py"
+  )
 import importlib.util
 import json
 import os
@@ -22,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from PIL import Image
 import pytest
 import safetensors.numpy
+import timm
+import torch  # first: before anything imports tensorflow
 import transformers
+from PIL import Image
 
-from vit_jax import checkpoint
-from vit_jax import convert
-from vit_jax import models
+from vit_jax import checkpoint, convert, models
 
 torch.set_num_threads(2)
 transformers.utils.logging.disable_progress_bar()
@@ -44,8 +43,9 @@ def _random_params(model, image_size: int, seed: int = 0) -> dict[str, np.ndarra
 
   (With the init's zero head and 1e-6 biases every comparison would pass trivially.)
   """
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))["params"]
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)
+  )["params"]
   rng = np.random.default_rng(seed)
   flat = {}
   for key, leaf in flax.traverse_util.flatten_dict(dict(abstract), sep="/").items():
@@ -57,7 +57,7 @@ def _random_params(model, image_size: int, seed: int = 0) -> dict[str, np.ndarra
         fan_in = shape[0]  # (D, heads, head_dim)
       else:  # Dense (in, out), attention out (heads, head_dim, D), Conv (h, w, in, out)
         fan_in = int(np.prod(shape[:-1]))
-      value = rng.normal(0, fan_in ** -0.5, shape)
+      value = rng.normal(0, fan_in**-0.5, shape)
     else:  # biases, cls, position embeddings
       value = rng.normal(0, 0.3, shape)
     flat[key] = value.astype(np.float32)
@@ -68,8 +68,9 @@ def _make(name: str, image_size: int, num_classes: int = 10, seed: int = 0, **ov
   """(flat params, resolved metadata) of a randomly weighted preset."""
   model = models.get_model(name, num_classes, **overrides)
   flat = _random_params(model, image_size, seed)
-  meta = models.model_metadata(model, image_size=image_size,
-                               class_names=[f"class_{i}" for i in range(num_classes)])
+  meta = models.model_metadata(
+    model, image_size=image_size, class_names=[f"class_{i}" for i in range(num_classes)]
+  )
   return flat, convert.resolve_metadata(flat, meta, f"<{name}>")
 
 
@@ -89,11 +90,14 @@ def _save_npz(tmp_path, flat, meta=None, name="model.npz") -> str:
 # --- Parity ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,size,gelu_approximate", [
+@pytest.mark.parametrize(
+  "name,size,gelu_approximate",
+  [
     ("testing", 32, True),
     ("testing", 32, False),  # exact GELU -> timm 'gelu' / HF 'gelu'
     ("ViT-Ti_16", 224, True),
-])
+  ],
+)
 def test_logits_match_flax(tmp_path, name, size, gelu_approximate):
   flat, meta = _make(name, size, gelu_approximate=gelu_approximate)
   images = convert.check_images(2, size)
@@ -108,8 +112,10 @@ def test_logits_match_flax_b16(tmp_path):
   want = convert.flax_forward(flat, meta, images)  # once: a B/16 compile costs seconds
   assert np.abs(want).max() > 1.0  # a real head: the comparison is not trivially zero
   diffs = {}
-  for fmt, export, load in (("timm", convert.export_timm, convert.load_timm),
-                            ("hf", convert.export_hf, convert.load_hf)):
+  for fmt, export, load in (
+    ("timm", convert.export_timm, convert.load_timm),
+    ("hf", convert.export_hf, convert.load_hf),
+  ):
     export(flat, meta, str(tmp_path / fmt))
     got = convert.torch_forward(load(str(tmp_path / fmt)), images)
     diffs[fmt] = float(np.abs(got - want).max())
@@ -125,8 +131,9 @@ def test_wrong_gelu_variant_is_detected(tmp_path, fmt):
   export = convert.export_timm if fmt == "timm" else convert.export_hf
   outputs = export(flat, wrong, str(tmp_path))
   images = convert.check_images(4, 32)
-  diff = convert.check_export(str(tmp_path), fmt, flat, meta, images, outputs=outputs,
-                              tolerance=np.inf)
+  diff = convert.check_export(
+    str(tmp_path), fmt, flat, meta, images, outputs=outputs, tolerance=np.inf
+  )
   print(f"{fmt}: wrong GELU variant: max |logit diff| {diff:.3g}")
   assert diff > 1e-4
   with pytest.raises(convert.ParityError, match="differ from the Flax model"):
@@ -142,13 +149,18 @@ def test_timm_loading_routes(tmp_path):
   assert config["model_args"]["act_layer"] == "gelu_tanh"
   x = torch.from_numpy(convert.check_images(2, 32).transpose(0, 3, 1, 2).copy())
   routes = [
-      convert.load_timm(str(tmp_path)),
-      timm.create_model(f"local-dir:{tmp_path}", pretrained=True),
-      # The overlay needs num_classes: otherwise timm drops a head whose size differs from the
-      # registered model's default (1000) and loads non-strictly.
-      timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=dict(
-          file=str(tmp_path / "model.safetensors"), num_classes=config["num_classes"]),
-          **config["model_args"]),
+    convert.load_timm(str(tmp_path)),
+    timm.create_model(f"local-dir:{tmp_path}", pretrained=True),
+    # The overlay needs num_classes: otherwise timm drops a head whose size differs from the
+    # registered model's default (1000) and loads non-strictly.
+    timm.create_model(
+      config["architecture"],
+      pretrained=True,
+      pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "model.safetensors"), num_classes=config["num_classes"]
+      ),
+      **config["model_args"],
+    ),
   ]
   with torch.inference_mode():
     outs = [m.eval()(x) for m in routes]
@@ -198,18 +210,22 @@ def test_gap_exports_to_timm_not_hf(tmp_path):
     convert.export_hf(flat, meta, str(tmp_path / "hf"))
 
 
-@pytest.mark.parametrize("resnet,patch", [
+@pytest.mark.parametrize(
+  "resnet,patch",
+  [
     (None, 2),  # the preset's root-only stem (as R_Ti_16)
     ({"num_layers": (1, 1), "width_factor": 0.5}, 1),  # bottleneck stages (as R50)
-])
+  ],
+)
 def test_hybrid_exports_to_timm_not_hf(tmp_path, resnet, patch):
   flat, meta = _make("R+ViT-tiny_8", 32, resnet=resnet, patch_size=patch)
   assert flat["conv_root/kernel"].shape == (7, 7, 3, 32)
   images = convert.check_images(2, 32)
   # The converter's default tolerance: timm's StdConv adds 1e-8 to the variance, the original
   # adds 1e-5 to the standard deviation (measured: 3.6e-7 root only, 1.2e-5 with stages).
-  diff = _export_and_check(tmp_path, "timm", flat, meta, images,
-                           tolerance=convert.DEFAULT_TOLERANCE)
+  diff = _export_and_check(
+    tmp_path, "timm", flat, meta, images, tolerance=convert.DEFAULT_TOLERANCE
+  )
   print(f"hybrid {resnet}: max |logit diff| {diff:.3g}")
   with pytest.raises(convert.ConversionError, match="hybrid.*--format timm"):
     convert.export_hf(flat, meta, str(tmp_path / "hf"))
@@ -223,8 +239,12 @@ def test_hybrid_that_timm_registers_loads_through_create_model(tmp_path):
   model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
   images = convert.check_images(2, 224)
   # timm's own hybrid keeps its GroupNorm epsilon (1e-5; load_timm uses Flax's 1e-6).
-  np.testing.assert_allclose(convert.torch_forward(model, images),
-                             convert.flax_forward(flat, meta, images), atol=1e-3, rtol=1e-3)
+  np.testing.assert_allclose(
+    convert.torch_forward(model, images),
+    convert.flax_forward(flat, meta, images),
+    atol=1e-3,
+    rtol=1e-3,
+  )
 
 
 def test_hybrid_without_metadata_and_at_a_size_timm_cannot_patch(tmp_path):
@@ -257,16 +277,20 @@ def test_npz_without_metadata_at_48px(tmp_path):
 
 def test_pre_logits(tmp_path):
   flat, meta = _make("testing", 32, num_classes=6, representation_size=8)
-  flat = {**flat, "head/kernel": np.zeros_like(flat["head/kernel"]),
-          "head/bias": np.zeros_like(flat["head/bias"])}  # as Google's in21k release
+  flat = {
+    **flat,
+    "head/kernel": np.zeros_like(flat["head/kernel"]),
+    "head/bias": np.zeros_like(flat["head/bias"]),
+  }  # as Google's in21k release
   with pytest.raises(convert.ConversionError, match="pre_logits.*--format hf"):
     convert.export_timm(flat, meta, str(tmp_path / "timm"))
   # hf: ViTModel whose pooler is tanh(pre_logits): pooler_output = the Flax features.
   images = convert.check_images(2, 32)
   out = str(tmp_path / "hf")
   assert convert.export_hf(flat, meta, out) == "features"
-  diff = convert.check_export(out, "hf", flat, meta, images, outputs="features",
-                              tolerance=_FLOAT32_TOL)
+  diff = convert.check_export(
+    out, "hf", flat, meta, images, outputs="features", tolerance=_FLOAT32_TOL
+  )
   assert isinstance(convert.load_hf(out), transformers.ViTModel)
   print(f"pre_logits features: max diff {diff:.3g}")
   trained_head = {**flat, "head/kernel": np.ones_like(flat["head/kernel"])}
@@ -302,12 +326,17 @@ def test_failed_check_writes_nothing(tmp_path):
 def test_training_workdir(tmp_path):
   """A workdir (run.json + orbax checkpoints/<step>/default) via checkpoint.load_for_inference."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   flat, meta = _make("testing", 32, num_classes=3)
   with open(tmp_path / "run.json", "w") as f:
     json.dump(dict(meta, config={}), f)
   mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
-  mngr.save(7, args=ocp.args.StandardSave(
-      {"params": flax.traverse_util.unflatten_dict(flat, sep="/"), "step": np.int32(7)}))
+  mngr.save(
+    7,
+    args=ocp.args.StandardSave(
+      {"params": flax.traverse_util.unflatten_dict(flat, sep="/"), "step": np.int32(7)}
+    ),
+  )
   mngr.wait_until_finished()
   result = convert.convert(str(tmp_path), str(tmp_path / "out"), "hf")
   assert result.max_abs_diff <= _FLOAT32_TOL
@@ -316,11 +345,14 @@ def test_training_workdir(tmp_path):
 
 
 def test_module_imports_neither_tensorflow_nor_torch():
-  code = ("import sys, vit_jax.convert; "
-          "print(sorted(m for m in ('tensorflow', 'torch', 'timm', 'transformers') "
-          "if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=True).stdout
+  code = (
+    "import sys, vit_jax.convert; "
+    "print(sorted(m for m in ('tensorflow', 'torch', 'timm', 'transformers') "
+    "if m in sys.modules))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+  ).stdout
   assert out.strip() == "[]"
 
 
@@ -332,16 +364,22 @@ def _bad_inputs(tmp_path):
   text = tmp_path / "notes.npz"
   text.write_text("not a checkpoint")
   hybrid = str(tmp_path / "hybrid.npz")
-  np.savez(hybrid, **flat, **{"conv_root/kernel": np.zeros((7, 7, 3, 64), np.float32),
-                              "gn_root/scale": np.ones((1, 1, 1, 64), np.float32)})
+  np.savez(
+    hybrid,
+    **flat,
+    **{
+      "conv_root/kernel": np.zeros((7, 7, 3, 64), np.float32),
+      "gn_root/scale": np.ones((1, 1, 1, 64), np.float32),
+    },
+  )
   bare = _save_npz(tmp_path, flat, name="bare.npz")
   return [
-      (str(text), {}, "not a readable .npz"),
-      (hybrid, {"model_name": "testing"}, "no ResNet stem in the model 'testing', one in the file"),
-      (bare, {"model_name": "ViT-Ti_16"}, "does not match model 'ViT-Ti_16'"),
-      (bare, {}, "pass --model_name"),
-      (bare, {"model_name": "testing", "image_size": 64}, "position embeddings are 2x2"),
-      (_save_npz(tmp_path, flat, meta, name="meta.npz"), {"model_name": "ViT-B_16"}, "differs"),
+    (str(text), {}, "not a readable .npz"),
+    (hybrid, {"model_name": "testing"}, "no ResNet stem in the model 'testing', one in the file"),
+    (bare, {"model_name": "ViT-Ti_16"}, "does not match model 'ViT-Ti_16'"),
+    (bare, {}, "pass --model_name"),
+    (bare, {"model_name": "testing", "image_size": 64}, "position embeddings are 2x2"),
+    (_save_npz(tmp_path, flat, meta, name="meta.npz"), {"model_name": "ViT-B_16"}, "differs"),
   ]
 
 
@@ -367,8 +405,18 @@ def test_cli_bad_input_exit_code_2_without_traceback(tmp_path, capsys):
   main = _cli_main()
   flat, _ = _make("testing", 32)
   bare = _save_npz(tmp_path, flat, name="bare.npz")
-  rc = main(["--checkpoint", bare, "--format", "timm", "--output", str(tmp_path / "o"),
-             "--model_name", "ViT-B_16"])
+  rc = main(
+    [
+      "--checkpoint",
+      bare,
+      "--format",
+      "timm",
+      "--output",
+      str(tmp_path / "o"),
+      "--model_name",
+      "ViT-B_16",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith(f"error: {bare}: does not match") and "Traceback" not in err
 
@@ -385,17 +433,32 @@ def test_cli_end_to_end_and_serving_snippet(tmp_path, monkeypatch):
   path = _save_npz(tmp_path, flat, meta, name="vit_shoes.npz")
   env = {**os.environ, "PYTHONPATH": str(_REPO)}
   proc = subprocess.run(
-      [sys.executable, str(_SCRIPT), "--checkpoint", path, "--format", "hf",
-       "--output", "exported/vit_hf", "--num_check_images", "2"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      str(_SCRIPT),
+      "--checkpoint",
+      path,
+      "--format",
+      "hf",
+      "--output",
+      "exported/vit_hf",
+      "--num_check_images",
+      "2",
+    ],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "max |logits difference| vs Flax" in proc.stdout
   out = tmp_path / "exported" / "vit_hf"
-  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors",
-                                     "preprocessor_config.json"]
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
   # The snippet from the script's docstring, run exactly as written.
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)).save(
-      tmp_path / "photo.jpg")
+    tmp_path / "photo.jpg"
+  )
   monkeypatch.chdir(tmp_path)
   namespace = {}
   exec(_serving_snippet(), namespace)  # pylint: disable=exec-used

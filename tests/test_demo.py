@@ -25,14 +25,25 @@ POSEMB = "Transformer/posembed_input/pos_embedding"
 def _env() -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the real single device
   # PYTHON: the demo runs with the interpreter that runs the tests, whatever .venv holds.
-  env.update(DEMO_QUICK="1", DEMO_SKIP_SETUP="1", DEMO_FMNIST_DIR=SLICE, TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHON=sys.executable)
+  env.update(
+    DEMO_QUICK="1",
+    DEMO_SKIP_SETUP="1",
+    DEMO_FMNIST_DIR=SLICE,
+    TF_CPP_MIN_LOG_LEVEL="2",
+    PYTHON=sys.executable,
+  )
   return env
 
 
 def _demo(workdir: str) -> subprocess.CompletedProcess:
-  return subprocess.run(["bash", os.path.join(REPO, "scripts", "demo.sh"), workdir], cwd=REPO,
-                        env=_env(), capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    ["bash", os.path.join(REPO, "scripts", "demo.sh"), workdir],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +55,18 @@ def demo(tmp_path_factory):
 
 
 def _predict_cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "vit_jax.predict", *args], cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "vit_jax.predict", *args],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 # --- The demo ------------------------------------------------------------------------------------
+
 
 def test_summary_has_every_result(demo):
   workdir, proc = demo
@@ -60,6 +78,15 @@ def test_summary_has_every_result(demo):
   assert {"pretrain", "finetune", "scratch", "predict"} <= set(summary["stage_seconds"])
   assert summary["seconds"] > 0
   assert "summary.json" in proc.stdout  # the script says where the results are
+
+
+def test_demo_writes_the_evaluation_report_of_the_finetuned_model(demo):
+  workdir, proc = demo
+  report = os.path.join(workdir, "finetune", "report")
+  with open(os.path.join(report, "report.json")) as f:
+    assert json.load(f)["count"] == 150  # every footwear test image of the slice
+  assert os.path.exists(os.path.join(report, "report.html"))
+  assert f"{report}/report.html" in proc.stdout and "vit_jax.serve" in proc.stdout
 
 
 def test_pretrained_file_has_the_in21k_layout(demo):
@@ -94,11 +121,19 @@ def test_finetuning_starts_from_the_pretrained_weights(demo, tmp_path):
   # Random weights differ, even those the quick pretraining started from (8 steps away).
   from configs import shoes  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
+
   pretrained = os.path.join(demo[0], "checkpoints", "R+ViT-tiny_8-fmnist.npz")
   config = shoes.get_config("demo")
   with config.unlocked():
-    config.update(pretrained_path=pretrained, fashion_mnist_dir=SLICE, base_lr=0.0,
-                  total_steps=1, warmup_steps=0, batch=8, batch_eval=64)
+    config.update(
+      pretrained_path=pretrained,
+      fashion_mnist_dir=SLICE,
+      base_lr=0.0,
+      total_steps=1,
+      warmup_steps=0,
+      batch=8,
+      batch_eval=64,
+    )
   workdir = str(tmp_path / "lr0")
   assert train.train_and_evaluate(config, workdir)["origin"] == f"pretrained {pretrained}"
   with np.load(pretrained) as want, np.load(os.path.join(workdir, "params.npz")) as got:
@@ -127,13 +162,19 @@ def test_timm_export_matches_the_flax_model(demo):
   workdir, _ = demo
   timm_dir = os.path.join(workdir, "convert", "timm")
   import torch  # pylint: disable=g-import-not-at-top
+
   from vit_jax import convert  # pylint: disable=g-import-not-at-top
+
   model = convert.load_timm(timm_dir)  # the ResNet stem is timm's, in HybridEmbed
   assert model.pretrained_cfg["label_names"] == FOOTWEAR
   size = model.pretrained_cfg["input_size"][-1]
   samples = os.path.join(workdir, "samples")
-  images = np.stack([predict.preprocess(predict.load_rgb(os.path.join(samples, f)), size)
-                     for f in sorted(os.listdir(samples))])
+  images = np.stack(
+    [
+      predict.preprocess(predict.load_rgb(os.path.join(samples, f)), size)
+      for f in sorted(os.listdir(samples))
+    ]
+  )
   with torch.inference_mode():
     logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
   flax_probs = predict.Predictor(os.path.join(workdir, "finetune"))(images)
@@ -150,18 +191,27 @@ def test_rerun_skips_finished_stages(demo):
 
 # --- predict ---------------------------------------------------------------------------------------
 
+
 def test_predict_reports_a_corrupt_image_and_classifies_the_rest(demo, tmp_path):
   workdir, _ = demo
   samples = os.path.join(workdir, "samples")
   corrupt = tmp_path / "corrupt.png"
   with open(os.path.join(samples, sorted(os.listdir(samples))[0]), "rb") as f:
     corrupt.write_bytes(f.read()[:40])  # a truncated PNG
-  proc = _predict_cli("--checkpoint", os.path.join(workdir, "finetune", "params.npz"), "--json",
-                      "--top_k", "2", samples, str(corrupt))
+  proc = _predict_cli(
+    "--checkpoint",
+    os.path.join(workdir, "finetune", "params.npz"),
+    "--json",
+    "--top_k",
+    "2",
+    samples,
+    str(corrupt),
+  )
   assert proc.returncode == 1
   result = json.loads(proc.stdout)
-  assert len(result["predictions"]) == 6 and all(len(p["top_k"]) == 2
-                                                 for p in result["predictions"])
+  assert len(result["predictions"]) == 6 and all(
+    len(p["top_k"]) == 2 for p in result["predictions"]
+  )
   assert [e["image"] for e in result["errors"]] == [str(corrupt)]
   assert "corrupt.png" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -172,8 +222,9 @@ def test_predict_text_output_from_a_workdir(demo):
   proc = _predict_cli("--checkpoint", os.path.join(workdir, "finetune"), "--top_k", "1", image)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
-  assert lines[0] == image and len(lines) == 2 and lines[1].split()[0] in ("Sandal", "Sneaker",
-                                                                           "Ankle")
+  assert (
+    lines[0] == image and len(lines) == 2 and lines[1].split()[0] in ("Sandal", "Sneaker", "Ankle")
+  )
 
 
 @pytest.mark.parametrize("bad", ["missing.npz", "not_a_checkpoint.npz", "empty_dir"])
@@ -193,12 +244,17 @@ def test_predict_bad_checkpoint_is_one_line_and_exit_2(tmp_path, bad):
 
 # --- Preprocessing: the same numbers as the eval pipeline ----------------------------------------
 
-@pytest.mark.parametrize("shape,size", [((28, 28), 35), ((28, 28), 28), ((61, 47, 3), 35),
-                                        ((300, 200, 4), 64), ((20, 33, 2), 16)])
+
+@pytest.mark.parametrize(
+  "shape,size",
+  [((28, 28), 35), ((28, 28), 28), ((61, 47, 3), 35), ((300, 200, 4), 64), ((20, 33, 2), 16)],
+)
 def test_preprocess_matches_the_eval_pipeline(tmp_path, shape, size):
   import ml_collections  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from vit_jax import preprocess as tf_preprocess  # pylint: disable=g-import-not-at-top
+
   pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
   path = str(tmp_path / "image.png")
   mode = "L" if len(shape) == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[shape[-1]]
@@ -212,8 +268,12 @@ def test_preprocess_matches_the_eval_pipeline(tmp_path, shape, size):
 
 def test_few_shot_set_keeps_n_footwear_images_per_class(tmp_path):
   out = str(tmp_path / "few.npz")
-  subprocess.run([sys.executable, os.path.join(REPO, "scripts", "demo_tools.py"), "few_shot", out,
-                  "3", SLICE], check=True, capture_output=True, timeout=120)
+  subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", "demo_tools.py"), "few_shot", out, "3", SLICE],
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
   with np.load(out) as f, np.load(SLICE) as full:
     assert sorted(f["y_train"].tolist()) == [5, 5, 5, 7, 7, 7, 9, 9, 9]  # Sandal, Sneaker, Boot
     np.testing.assert_array_equal(f["x_test"], full["x_test"])  # the whole test split

@@ -11,9 +11,9 @@ import pathlib
 import time
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from configs import common
 from vit_jax import input_pipeline
@@ -63,8 +63,9 @@ def make_folder(root, classes=("cat", "dog"), per_class=(3, 2), split_layout=Tru
       for i in range(count):
         next_id += 1
         value = 3 * next_id if solid else None  # steps of 3 survive float rounding
-        write_image(root / split / name / f"{i}.png", size=(8 + i % 4, 6 + c), value=value,
-                    seed=next_id)
+        write_image(
+          root / split / name / f"{i}.png", size=(8 + i % 4, 6 + c), value=value, seed=next_id
+        )
   return root
 
 
@@ -82,15 +83,19 @@ def take(ds, n):
 
 def train_batches(config, n, start_step=0, index=0, count=1):
   info = input_pipeline.get_dataset_info(config)
-  ds = input_pipeline.get_train_dataset(config, info, start_step=start_step, process_index=index,
-                                        process_count=count)
+  ds = input_pipeline.get_train_dataset(
+    config, info, start_step=start_step, process_index=index, process_count=count
+  )
   return take(ds, n)
 
 
 def eval_batches(config, index=0, count=1):
   info = input_pipeline.get_dataset_info(config)
-  return list(input_pipeline.get_eval_dataset(config, info, process_index=index,
-                                              process_count=count).as_numpy_iterator())
+  return list(
+    input_pipeline.get_eval_dataset(
+      config, info, process_index=index, process_count=count
+    ).as_numpy_iterator()
+  )
 
 
 # --- Image folders: discovery and splits --------------------------------------------------------
@@ -149,16 +154,32 @@ def test_config_classes_keeps_those_classes_relabelled_in_given_order(tmp_path):
   assert {i: l for i, l in zip(ids_of(batch), batch["label"])} == {1: 1, 2: 1, 7: 0, 8: 0}
 
 
-@pytest.mark.parametrize("setup, message", [
+@pytest.mark.parametrize(
+  "setup, message",
+  [
     (lambda root: None, "does not exist"),
     (lambda root: (make_folder(root), write_image(root / "test" / "bird" / "0.png")), "bird"),
     (lambda root: (make_folder(root), (root / "train" / "empty").mkdir()), "empty"),
-    (lambda root: (make_folder(root), [p.unlink() for p in (root / "test").rglob("*.png")],
-                   [p.rmdir() for p in (root / "test").iterdir()]), "test"),
+    (
+      lambda root: (
+        make_folder(root),
+        [p.unlink() for p in (root / "test").rglob("*.png")],
+        [p.rmdir() for p in (root / "test").iterdir()],
+      ),
+      "test",
+    ),
     (lambda root: make_folder(root, per_class=(3,), split_layout=False), "test_fraction"),
-    (lambda root: (write_image(root / "train" / "a" / "0.png")), "test"),
-], ids=["missing_root", "class_only_in_test", "empty_class_folder", "empty_test_split",
-        "split_empties_test", "train_without_test"])
+    (lambda root: write_image(root / "train" / "a" / "0.png"), "test"),
+  ],
+  ids=[
+    "missing_root",
+    "class_only_in_test",
+    "empty_class_folder",
+    "empty_test_split",
+    "split_empties_test",
+    "train_without_test",
+  ],
+)
 def test_folder_problems_raise_a_value_error_naming_the_path(tmp_path, setup, message):
   root = tmp_path / "data"
   setup(root)
@@ -248,7 +269,7 @@ def test_training_data_is_a_function_of_the_seed(mixed_folder):
 def test_epochs_are_reshuffled_and_each_covers_the_split_once(tmp_path):
   root = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=(4, 1), solid=True)
   config = make_config(root, batch=4, inception_crop=False, flip=False)
-  epochs = [sum((ids_of(b) for b in train_batches(config, 6)[k:k + 3]), []) for k in (0, 3)]
+  epochs = [sum((ids_of(b) for b in train_batches(config, 6)[k : k + 3]), []) for k in (0, 3)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == [1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14]
   assert epochs[0] != epochs[1]
 
@@ -272,13 +293,16 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path, count, star
   root = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=(5, 1))
   config = make_config(root, batch=4, seed=5)
   single = train_batches(config, start_step + 6)[start_step:]
-  parts = [train_batches(config, 6, start_step=start_step, index=p, count=count)
-           for p in range(count)]
+  parts = [
+    train_batches(config, 6, start_step=start_step, index=p, count=count) for p in range(count)
+  ]
   for step, batch in enumerate(single):
     for key in ("image", "label"):
       np.testing.assert_array_equal(
-          np.concatenate([part[step][key] for part in parts]), batch[key],
-          err_msg=f"step {start_step + step}, {key}")
+        np.concatenate([part[step][key] for part in parts]),
+        batch[key],
+        err_msg=f"step {start_step + step}, {key}",
+      )
 
 
 def test_each_process_reads_only_the_files_of_its_own_rows(tmp_path):
@@ -308,8 +332,9 @@ def test_two_processes_get_different_augmentations(tmp_path):
 @pytest.mark.parametrize("count", [1, 2])
 def test_eval_covers_every_test_example_once_with_equal_batch_counts(tmp_path, count):
   # 7 test examples, local batch 2 per process: remainders on every process.
-  root = make_folder(tmp_path / "data", classes=("a", "b", "c", "d", "e", "f", "g"),
-                     per_class=(1, 1), solid=True)
+  root = make_folder(
+    tmp_path / "data", classes=("a", "b", "c", "d", "e", "f", "g"), per_class=(1, 1), solid=True
+  )
   config = make_config(root, batch_eval=2 * count)
   info = input_pipeline.get_dataset_info(config)
   expected = input_pipeline.num_eval_batches(config, info, process_count=count)
@@ -344,13 +369,13 @@ def _truncated_jpeg(path):
 
 
 BAD_FILES = {
-    "zero_byte.jpg": lambda path: path.write_bytes(b""),
-    "truncated.jpg": _truncated_jpeg,
-    "text.jpg": lambda path: path.write_text("this is not an image\n"),
-    "broken_link.png": lambda path: path.symlink_to(path.parent / "missing.png"),
-    # Pillow reads these two, TensorFlow cannot decode them:
-    "tiff.jpg": lambda path: Image.new("RGB", (8, 8)).save(path, "TIFF"),
-    "one_bit.bmp": lambda path: Image.new("1", (8, 8)).save(path, "BMP"),
+  "zero_byte.jpg": lambda path: path.write_bytes(b""),
+  "truncated.jpg": _truncated_jpeg,
+  "text.jpg": lambda path: path.write_text("this is not an image\n"),
+  "broken_link.png": lambda path: path.symlink_to(path.parent / "missing.png"),
+  # Pillow reads these two, TensorFlow cannot decode them:
+  "tiff.jpg": lambda path: Image.new("RGB", (8, 8)).save(path, "TIFF"),
+  "one_bit.bmp": lambda path: Image.new("1", (8, 8)).save(path, "BMP"),
 }
 
 
@@ -401,8 +426,16 @@ def test_a_class_of_only_bad_files_is_an_error_naming_its_folder(tmp_path):
 
 
 def test_fashion_mnist_slice_shoe_classes(tmp_path):
-  config = make_config("fashion_mnist", fashion_mnist_dir=str(FMNIST_SLICE), classes=SHOES, crop=28,
-                       batch=16, batch_eval=64, inception_crop=False, flip=False)
+  config = make_config(
+    "fashion_mnist",
+    fashion_mnist_dir=str(FMNIST_SLICE),
+    classes=SHOES,
+    crop=28,
+    batch=16,
+    batch_eval=64,
+    inception_crop=False,
+    flip=False,
+  )
   info = input_pipeline.get_dataset_info(config)
   assert info.class_names == SHOES
   assert info.num_examples == {"train": 300, "test": 150}
@@ -437,12 +470,19 @@ def test_missing_fashion_mnist_names_the_install_command(tmp_path):
 
 class VitJaxTestImages(tfds.core.GeneratorBasedBuilder):
   """A tiny real tfds dataset (prepared offline in tmp_path): 23 train, 11 test images."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(names=["x", "y", "z"])}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["x", "y", "z"]),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(23), "test": self._generate_examples(11)}
@@ -469,8 +509,14 @@ def test_tfds_source_yields_batches_and_exact_eval_counts(tfds_dir):
   for count in (1, 2):
     counts = [len(eval_batches(config, index=p, count=count)) for p in range(count)]
     assert counts == [input_pipeline.num_eval_batches(config, info, count)] * count
-    assert sum(int(b["mask"].sum()) for p in range(count)
-               for b in eval_batches(config, index=p, count=count)) == 11
+    assert (
+      sum(
+        int(b["mask"].sum())
+        for p in range(count)
+        for b in eval_batches(config, index=p, count=count)
+      )
+      == 11
+    )
 
 
 def test_tfds_source_is_deterministic_and_resumable(tfds_dir):

@@ -36,13 +36,19 @@ STEPS = 24
 # of the kill-and-resume chain. 21 test images (7 per class) vs. batch_eval 16: padded eval.
 # float32 momentum: a bfloat16 buffer rounds the all-reduce's summation-order noise (1e-7) up
 # to 3e-5 in 24 steps (measured), which would blur the 2-process vs. 1-process comparison.
-SCHEDULE = {"total_steps": STEPS, "eval_every": 12, "checkpoint_every": 4, "progress_every": 2,
-            "optim_dtype": "float32"}
+SCHEDULE = {
+  "total_steps": STEPS,
+  "eval_every": 12,
+  "checkpoint_every": 4,
+  "progress_every": 2,
+  "optim_dtype": "float32",
+}
 TEST_SIZE = 7 * len(COLORS)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launching processes.
+
 
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -53,6 +59,7 @@ def free_port() -> int:
 @dataclasses.dataclass
 class Launch:
   """The processes of one run (one per process id) and their log files."""
+
   workdir: str
   procs: list[subprocess.Popen]
   stdout: list[str]
@@ -63,8 +70,9 @@ class Launch:
     for i, path in enumerate(self.stderr):
       with open(path, errors="replace") as f:
         lines = [l for l in f if not l.startswith("[Gloo]")]  # one line per connection
-      out.append(f"--- process {i} (exit {self.procs[i].poll()}) stderr tail:\n"
-                 + "".join(lines)[-chars:])
+      out.append(
+        f"--- process {i} (exit {self.procs[i].poll()}) stderr tail:\n" + "".join(lines)[-chars:]
+      )
     return "\n".join(out)
 
   def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -78,35 +86,53 @@ class Launch:
 def _child_env(devices: Optional[int], cache_dir: str) -> dict[str, str]:
   # No cluster may leak in from the test's own environment (a CI job under SLURM, say), and
   # pytest's 8 devices (conftest's XLA_FLAGS) are not the children's.
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "JAX_")) and k != "XLA_FLAGS"}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "OMPI_", "JAX_")) and k != "XLA_FLAGS"
+  }
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
   return env
 
 
-def launch(workdir: str, args: list[str], cache_dir: str, *, processes: int = 2,
-           devices: Optional[int] = 4) -> Launch:
+def launch(
+  workdir: str, args: list[str], cache_dir: str, *, processes: int = 2, devices: Optional[int] = 4
+) -> Launch:
   """Starts `processes` x vit_jax.main on a fresh port; `devices=None`: no XLA flag (1 CPU)."""
   port = free_port()
-  logs = tempfile.mkdtemp(prefix=os.path.basename(workdir) + "_logs_",
-                          dir=os.path.dirname(workdir))
+  logs = tempfile.mkdtemp(prefix=os.path.basename(workdir) + "_logs_", dir=os.path.dirname(workdir))
   procs, stdout, stderr = [], [], []
   for i in range(processes):
-    cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/testing.py",
-           f"--workdir={workdir}", *args]
+    cmd = [
+      sys.executable,
+      "-m",
+      "vit_jax.main",
+      "--config=configs/testing.py",
+      f"--workdir={workdir}",
+      *args,
+    ]
     if processes > 1:
-      cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-              f"--process_id={i}"]
+      cmd += [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+      ]
     stdout.append(os.path.join(logs, f"{i}.out"))
     stderr.append(os.path.join(logs, f"{i}.err"))
     # Files, not pipes: nobody reads a pipe while the run goes on, and a full one blocks it.
     with open(stdout[-1], "w") as out, open(stderr[-1], "w") as err:
-      procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err,
-                                    env=_child_env(devices, cache_dir)))
+      procs.append(
+        subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=_child_env(devices, cache_dir))
+      )
   return Launch(workdir, procs, stdout, stderr)
 
 
@@ -153,11 +179,13 @@ def wait_for_checkpoint(run: Launch, min_step: int, timeout: float = TIMEOUT_S) 
 
 def cli_args(folder: str, **overrides: Any) -> list[str]:
   return [f"--config.dataset={folder}"] + [
-      f"--config.{k}={v}" for k, v in {**SCHEDULE, **overrides}.items()]
+    f"--config.{k}={v}" for k, v in {**SCHEDULE, **overrides}.items()
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Results.
+
 
 def params(workdir: str) -> dict[str, Any]:
   return checkpoint.load(os.path.join(workdir, "params.npz"))
@@ -174,6 +202,7 @@ def metrics(workdir: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: each run once per module.
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
@@ -221,24 +250,33 @@ def interrupted(runs, folder, cache_dir):
   second.kill()
   killed_at = max(steps(workdir))
   final = finish(launch(workdir, args, cache_dir))
-  return dict(workdir=workdir, term=term, term_steps=term_steps, killed_at=killed_at,
-              final=final)
+  return dict(workdir=workdir, term=term, term_steps=term_steps, killed_at=killed_at, final=final)
 
 
 # ---------------------------------------------------------------------------------------------
 # Process set-up: flags and environment.
 
-@pytest.mark.parametrize("args, message", [
-    (["--num_processes=2"], "error: a multi-process run needs --coordinator_address (or "
-     "JAX_COORDINATOR_ADDRESS), --process_id (or JAX_PROCESS_ID) as well as --num_processes=2"),
-    (["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
-     "error: --process_id=2 must be in [0, --num_processes=2)"),
-    (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
-     "error: --coordinator_address='localhost' (or JAX_COORDINATOR_ADDRESS) is not HOST:PORT"),
-])
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--num_processes=2"],
+      "error: a multi-process run needs --coordinator_address (or "
+      "JAX_COORDINATOR_ADDRESS), --process_id (or JAX_PROCESS_ID) as well as --num_processes=2",
+    ),
+    (
+      ["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
+      "error: --process_id=2 must be in [0, --num_processes=2)",
+    ),
+    (
+      ["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+      "error: --coordinator_address='localhost' (or JAX_COORDINATOR_ADDRESS) is not HOST:PORT",
+    ),
+  ],
+)
 def test_bad_process_flags_are_one_error_line(tmp_path, folder, cache_dir, args, message):
-  run = launch(str(tmp_path / "bad"), [f"--config.dataset={folder}", *args], cache_dir,
-               processes=1)
+  run = launch(str(tmp_path / "bad"), [f"--config.dataset={folder}", *args], cache_dir, processes=1)
   run.procs[0].wait(timeout=120)
   with open(run.stderr[0]) as f:
     err = f.read()
@@ -250,23 +288,47 @@ def test_bad_process_flags_are_one_error_line(tmp_path, folder, cache_dir, args,
 _ALL3 = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "1"}
 
 
-@pytest.mark.parametrize("flag_values, environ, expected", [
+@pytest.mark.parametrize(
+  "flag_values, environ, expected",
+  [
     ((None, None, None), {}, {}),  # none given: jax's own cluster detection
-    ((None, None, None), _ALL3, dict(coordinator_address="h:1", num_processes=4, process_id=1,
-                                     cluster_detection_method="deactivate")),
-    (("h:2", None, 0), _ALL3,  # a flag wins over its variable
-     dict(coordinator_address="h:2", num_processes=4, process_id=0,
-          cluster_detection_method="deactivate")),
-])
+    (
+      (None, None, None),
+      _ALL3,
+      dict(
+        coordinator_address="h:1",
+        num_processes=4,
+        process_id=1,
+        cluster_detection_method="deactivate",
+      ),
+    ),
+    (
+      ("h:2", None, 0),
+      _ALL3,  # a flag wins over its variable
+      dict(
+        coordinator_address="h:2",
+        num_processes=4,
+        process_id=0,
+        cluster_detection_method="deactivate",
+      ),
+    ),
+  ],
+)
 def test_distributed_args_from_flags_and_environment(flag_values, environ, expected):
   assert main.distributed_args(*flag_values, environ) == expected
 
 
-@pytest.mark.parametrize("environ, message", [
-    ({"JAX_NUM_PROCESSES": "4"}, "needs --coordinator_address (or JAX_COORDINATOR_ADDRESS), "
-     "--process_id (or JAX_PROCESS_ID) as well as --num_processes=4"),
+@pytest.mark.parametrize(
+  "environ, message",
+  [
+    (
+      {"JAX_NUM_PROCESSES": "4"},
+      "needs --coordinator_address (or JAX_COORDINATOR_ADDRESS), "
+      "--process_id (or JAX_PROCESS_ID) as well as --num_processes=4",
+    ),
     (dict(_ALL3, JAX_PROCESS_ID="one"), "JAX_PROCESS_ID='one' is not an integer"),
-])
+  ],
+)
 def test_half_given_or_malformed_variables_are_named(environ, message):
   with pytest.raises(main.DistributedSetupError, match=re.escape(message)):
     main.distributed_args(None, None, None, environ)
@@ -276,9 +338,20 @@ def test_mpirun_that_jax_cannot_read_is_one_error_line(tmp_path, folder):
   # Open MPI 5 sets none of the variables jax reads: 4 processes would each train alone.
   env = dict(os.environ, OMPI_COMM_WORLD_SIZE="4", JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "vit_jax.main", f"--config={REPO}/configs/testing.py",
-       f"--workdir={tmp_path / 'mpi'}", f"--config.dataset={folder}"],
-      env=env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
+    [
+      sys.executable,
+      "-m",
+      "vit_jax.main",
+      f"--config={REPO}/configs/testing.py",
+      f"--workdir={tmp_path / 'mpi'}",
+      f"--config.dataset={folder}",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    cwd=REPO,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: OMPI_COMM_WORLD_SIZE=4 but jax found no cluster" in proc.stderr
   assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "mpi")
@@ -286,13 +359,15 @@ def test_mpirun_that_jax_cannot_read_is_one_error_line(tmp_path, folder):
 
 def test_launch_scripts_are_valid_bash():
   for name in ("tpu_vm.sh", "slurm_train.sbatch"):
-    result = subprocess.run(["bash", "-n", os.path.join(SCRIPTS, name)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+      ["bash", "-n", os.path.join(SCRIPTS, name)], capture_output=True, text=True
+    )
     assert result.returncode == 0, f"{name}: {result.stderr}"
 
 
 # ---------------------------------------------------------------------------------------------
 # 2 processes x 4 devices == 1 process x 8 devices, same global batch.
+
 
 def test_jit_two_processes_equal_one_process_with_eight_devices(jit_2x4, jit_1x8):
   (workdir, summaries, _), (reference, summary) = jit_2x4, jit_1x8
@@ -303,8 +378,7 @@ def test_jit_two_processes_equal_one_process_with_eight_devices(jit_2x4, jit_1x8
   assert max_diff(params(workdir), params(reference)) <= 1e-5
 
 
-def test_pmap_two_processes_equal_one_process_with_eight_devices(runs, folder, cache_dir,
-                                                                 jit_1x8):
+def test_pmap_two_processes_equal_one_process_with_eight_devices(runs, folder, cache_dir, jit_1x8):
   # The reference is the 1 x 8 jit run; tests/test_train.py shows that pmap and jit agree on one
   # process. Measured 1.2e-7.
   workdir = os.path.join(runs, "pmap_2x4")
@@ -339,14 +413,14 @@ def test_only_process_zero_writes_files_and_logs(jit_2x4):
 # ---------------------------------------------------------------------------------------------
 # Pre-emption, SIGKILL and resume with 2 processes; restore on another topology.
 
+
 def test_sigterm_to_one_process_stops_all_at_the_same_step(interrupted):
   term = interrupted["term"]
   assert all(s["preempted"] for s in term) and term[0]["step"] == term[1]["step"] < STEPS
   assert max(interrupted["term_steps"]) == term[0]["step"]  # its checkpoint, by both
 
 
-def test_sigkill_then_resume_as_two_processes_equals_the_uninterrupted_run(interrupted,
-                                                                            jit_2x4):
+def test_sigkill_then_resume_as_two_processes_equals_the_uninterrupted_run(interrupted, jit_2x4):
   final, killed_at = interrupted["final"], interrupted["killed_at"]
   assert interrupted["term"][0]["step"] < killed_at < STEPS
   assert [s["first_step"] for s in final] == [killed_at, killed_at]
@@ -354,13 +428,19 @@ def test_sigkill_then_resume_as_two_processes_equals_the_uninterrupted_run(inter
   assert max_diff(params(interrupted["workdir"]), params(jit_2x4[0])) == 0
 
 
-def test_two_process_checkpoint_restores_in_one_process_on_one_device(interrupted, tmp_path,
-                                                                      folder, cache_dir):
+def test_two_process_checkpoint_restores_in_one_process_on_one_device(
+  interrupted, tmp_path, folder, cache_dir
+):
   step = interrupted["killed_at"]
   step_dir = os.path.join(interrupted["workdir"], "checkpoints", str(step))
   workdir = str(tmp_path / "one_device")
-  run = launch(workdir, cli_args(folder, resume=step_dir, total_steps=step), cache_dir,
-               processes=1, devices=None)
+  run = launch(
+    workdir,
+    cli_args(folder, resume=step_dir, total_steps=step),
+    cache_dir,
+    processes=1,
+    devices=None,
+  )
   [summary] = finish(run)
   assert summary["origin"] == f"resumed from config.resume={step_dir}"
   assert summary["first_step"] == summary["step"] == step

@@ -70,6 +70,7 @@ def _metrics(workdir):
 
 # ---------------------------------------------------------------------------------------------
 
+
 def test_training_lowers_the_loss(jit_run):
   losses = [m["train_loss"] for m in _metrics(jit_run[0]) if "train_loss" in m]
   assert losses[-1] < 0.5 * losses[0]
@@ -88,7 +89,8 @@ def test_evaluation_counts_every_test_example_once(jit_run):
 def test_run_exports_the_original_format_with_class_names(jit_run):
   workdir, summary = jit_run
   assert checkpoint.load_metadata(os.path.join(workdir, "params.npz"))["class_names"] == sorted(
-      COLORS)
+    COLORS
+  )
   with np.load(os.path.join(workdir, "params.npz")) as npz:
     assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in npz.files
   assert summary["step"] == 12 and summary["test_accuracy"] > 0.9
@@ -110,9 +112,12 @@ def test_fsdp_gives_the_same_parameters_as_data_parallel(tmp_path, folder, jit_r
 
 def test_fsdp_shards_large_parameters_over_the_data_axis():
   from vit_jax import sharding
+
   mesh = sharding.make_mesh()
-  tree = {"big": jax.ShapeDtypeStruct((768, 3072), np.float32),
-          "small": jax.ShapeDtypeStruct((768,), np.float32)}
+  tree = {
+    "big": jax.ShapeDtypeStruct((768, 3072), np.float32),
+    "small": jax.ShapeDtypeStruct((768,), np.float32),
+  }
   s = sharding.state_shardings(tree, mesh, fsdp=True)
   assert s["big"].spec == jax.sharding.PartitionSpec(None, "data")
   assert s["small"].spec == jax.sharding.PartitionSpec()
@@ -125,19 +130,28 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, folder):
   _assert_same_params(accum, large, atol=1e-5)
 
 
-@pytest.mark.parametrize("other", [dict(parallelism="pmap"), dict(accum_steps=4)],
-                         ids=["pmap", "accumulation"])
-def test_with_dropout_jit_pmap_and_accumulation_give_the_same_parameters(tmp_path, folder,
-                                                                          other):
+@pytest.mark.parametrize(
+  "other", [dict(parallelism="pmap"), dict(accum_steps=4)], ids=["pmap", "accumulation"]
+)
+def test_with_dropout_jit_pmap_and_accumulation_give_the_same_parameters(tmp_path, folder, other):
   # Each example's dropout mask comes from (seed, step, its row in the global batch), not from
   # the device or micro-batch that computes it.
-  stochastic = {"model.dropout_rate": 0.1, "model.stochastic_depth": 0.1,
-                "optim_dtype": "float32", "total_steps": 6, "eval_every": 100}
+  stochastic = {
+    "model.dropout_rate": 0.1,
+    "model.stochastic_depth": 0.1,
+    "optim_dtype": "float32",
+    "total_steps": 6,
+    "eval_every": 100,
+  }
   jit_dir, _ = _run(tmp_path, folder, "jit_dropout", **stochastic)
   other_dir, _ = _run(tmp_path, folder, "other_dropout", **stochastic, **other)
   _assert_same_params(other_dir, jit_dir, atol=1e-5)
-  plain_dir, _ = _run(tmp_path, folder, "no_dropout", **{**stochastic, "model.dropout_rate": 0.0,
-                                                         "model.stochastic_depth": 0.0})
+  plain_dir, _ = _run(
+    tmp_path,
+    folder,
+    "no_dropout",
+    **{**stochastic, "model.dropout_rate": 0.0, "model.stochastic_depth": 0.0},
+  )
   with pytest.raises(AssertionError):  # dropout did act: the test compares something
     _assert_same_params(plain_dir, jit_dir, atol=1e-5)
 
@@ -163,12 +177,28 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_pretrained_npz_at_a_new_resolution_and_class_count(tmp_path, folder):
   # The `testing` architecture saved as an in21k file: 16 px (grid 1x1), pre_logits, zero head.
-  arrays = npz_fixtures.google_vit_arrays(hidden=10, mlp=10, heads=2, layers=1, patch=16, grid=1,
-                                          num_classes=21843, pre_logits=True, zero_head=True)
+  arrays = npz_fixtures.google_vit_arrays(
+    hidden=10,
+    mlp=10,
+    heads=2,
+    layers=1,
+    patch=16,
+    grid=1,
+    num_classes=21843,
+    pre_logits=True,
+    zero_head=True,
+  )
   path = npz_fixtures.write_npz(tmp_path / "testing.npz", arrays)
   # base_lr 0: every update is exactly zero, so the export is the run's initial state.
-  workdir, summary = _run(tmp_path, folder, "pretrained", from_scratch=False,
-                          pretrained_path=path, total_steps=4, base_lr=0.0)
+  workdir, summary = _run(
+    tmp_path,
+    folder,
+    "pretrained",
+    from_scratch=False,
+    pretrained_path=path,
+    total_steps=4,
+    base_lr=0.0,
+  )
   assert summary["origin"] == f"pretrained {path}"
   params = _params(workdir)
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 10)  # 2x2+1
@@ -188,11 +218,17 @@ def test_pretrained_npz_at_a_new_resolution_and_class_count(tmp_path, folder):
 # ---------------------------------------------------------------------------------------------
 # Resume and pre-emption, with real processes.
 
+
 def _start(workdir, *args):
-  cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/testing.py",
-         f"--workdir={workdir}", *args]
-  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "vit_jax.main",
+    "--config=configs/testing.py",
+    f"--workdir={workdir}",
+    *args,
+  ]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_checkpoint(proc, workdir, min_step, timeout=120):
@@ -210,8 +246,9 @@ LONG = ["--config.total_steps=300", "--config.eval_every=1000", "--config.progre
 
 
 def test_sigkill_then_restart_ends_with_the_same_parameters(tmp_path, folder):
-  reference, _ = _run(tmp_path, folder, "uninterrupted", total_steps=300, eval_every=1000,
-                      progress_every=5)
+  reference, _ = _run(
+    tmp_path, folder, "uninterrupted", total_steps=300, eval_every=1000, progress_every=5
+  )
   workdir = str(tmp_path / "killed")
   proc = _start(workdir, f"--config.dataset={folder}", *LONG)
   _wait_for_checkpoint(proc, workdir, 8)
@@ -240,7 +277,10 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, folder):
 # ---------------------------------------------------------------------------------------------
 # Bad configs: one clear message, before any work.
 
-@pytest.mark.parametrize("overrides, message", [
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (dict(batch=12), "config.batch=12 is not divisible by the 8 devices"),
     (dict(accum_steps=3), "not divisible by config.accum_steps=3"),
     (dict(model_name="ViT-X"), "config.model_name='ViT-X' is unknown"),
@@ -248,10 +288,13 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, folder):
     (dict(pp={"crop": 30}), "config.pp.crop=30 is not a multiple"),
     (dict(model={"remat_policy": "all"}), "config.model.remat_policy must be one of"),
     (dict(model={"attention_impl": "flash"}), "config.model.attention_impl must be ''"),
-    (dict(model_name="R+ViT-tiny_8", pp={"crop": 28}),
-     r"config.pp.crop=28 is not a multiple of R\+ViT-tiny_8's pixels per token .* 8"),
+    (
+      dict(model_name="R+ViT-tiny_8", pp={"crop": 28}),
+      r"config.pp.crop=28 is not a multiple of R\+ViT-tiny_8's pixels per token .* 8",
+    ),
     (dict(model={"resnet": {"width_factor": 0.3}}), "config.model.resnet: width_factor 0.3"),
-])
+  ],
+)
 def test_bad_config_values_are_named(folder, overrides, message):
   config = _config(folder)
   for k, v in overrides.items():
@@ -275,12 +318,24 @@ def test_every_config_model_field_is_a_model_field(folder):
 
 
 def test_model_kernel_options_reach_the_model(folder):
-  config = _config(folder, **{"model.remat": True, "model.remat_policy": "dots_saveable",
-                              "model.attention_impl": "cudnn", "model.dtype": "bfloat16",
-                              "model.recompute_gelu": True})
+  config = _config(
+    folder,
+    **{
+      "model.remat": True,
+      "model.remat_policy": "dots_saveable",
+      "model.attention_impl": "cudnn",
+      "model.dtype": "bfloat16",
+      "model.recompute_gelu": True,
+    },
+  )
   model = _model(config)
-  assert (model.remat, model.remat_policy, model.attention_impl, model.dtype,
-          model.recompute_gelu) == (True, "dots_saveable", "cudnn", jnp.bfloat16, True)
+  assert (
+    model.remat,
+    model.remat_policy,
+    model.attention_impl,
+    model.dtype,
+    model.recompute_gelu,
+  ) == (True, "dots_saveable", "cudnn", jnp.bfloat16, True)
   assert _model(_config(folder)).attention_impl is None  # "": XLA's attention
 
 

@@ -23,10 +23,10 @@ Params = Mapping[str, Any]
 
 # Inside `encoderblock_{i}`: pre-Linen name in the file -> Linen name in the model.
 _PRE_LINEN = {
-    "LayerNorm_0": "LayerNorm_0",
-    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-    "LayerNorm_2": "LayerNorm_1",
-    "MlpBlock_3": "MlpBlock_0",
+  "LayerNorm_0": "LayerNorm_0",
+  "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+  "LayerNorm_2": "LayerNorm_1",
+  "MlpBlock_3": "MlpBlock_0",
 }
 _LINEN = {v: k for k, v in _PRE_LINEN.items()}
 _BLOCK = re.compile(r"^encoderblock_\d+$")
@@ -74,17 +74,24 @@ def load_flat(path: str) -> dict[str, np.ndarray]:
       for key in npz.files:  # Reading every array checks each CRC: truncation fails here.
         flat[key] = npz[key]
   except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-    raise CheckpointError(f"{path}: not a readable .npz checkpoint (truncated or corrupt?): "
-                          f"{type(e).__name__}: {e}") from None
+    raise CheckpointError(
+      f"{path}: not a readable .npz checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+    ) from None
   for prefix in _PREFIXES:
     if flat and all(k.startswith(prefix) for k in flat):
-      flat = {k[len(prefix):]: v for k, v in flat.items()}
+      flat = {k[len(prefix) :]: v for k, v in flat.items()}
   if "embedding/kernel" not in flat:
-    raise CheckpointError(f"{path}: not a ViT checkpoint: no 'embedding/kernel' among its "
-                          f"{len(flat)} arrays (first keys: {sorted(flat)[:5]})")
+    raise CheckpointError(
+      f"{path}: not a ViT checkpoint: no 'embedding/kernel' among its "
+      f"{len(flat)} arrays (first keys: {sorted(flat)[:5]})"
+    )
   flat = {k: _to_float(k, v, path) for k, v in flat.items()}
-  flat = {k: v.reshape(v.shape[-1:]) if _GROUPNORM.search(k) and v.ndim == 4 and
-          v.shape[:3] == (1, 1, 1) else v for k, v in flat.items()}
+  flat = {
+    k: v.reshape(v.shape[-1:])
+    if _GROUPNORM.search(k) and v.ndim == 4 and v.shape[:3] == (1, 1, 1)
+    else v
+    for k, v in flat.items()
+  }
   return _rename_blocks(flat, _PRE_LINEN)
 
 
@@ -97,8 +104,14 @@ def _flatten(params: Params) -> dict[str, Any]:
   return traverse_util.flatten_dict(dict(params), sep="/")
 
 
-def inspect_params(*, params: Params, expected: Params, path: str = "<params>",
-                   allow_missing: Iterable[str] = (), allow_extra: Iterable[str] = ()) -> None:
+def inspect_params(
+  *,
+  params: Params,
+  expected: Params,
+  path: str = "<params>",
+  allow_missing: Iterable[str] = (),
+  allow_extra: Iterable[str] = (),
+) -> None:
   """Logs the difference between two trees and raises unless every difference is allowed.
 
   `allow_missing` / `allow_extra` are regexes over `/`-joined keys: keys the model expects but
@@ -114,9 +127,10 @@ def inspect_params(*, params: Params, expected: Params, path: str = "<params>",
   bad_extra = [k for k in extra if not any(re.fullmatch(p, k) for p in allow_extra)]
   if bad_missing or bad_extra:
     raise CheckpointError(
-        f"{path}: does not match the model (a checkpoint of another model?).\n"
-        f"  in the model, not in the file ({len(bad_missing)}): {bad_missing[:10]}\n"
-        f"  in the file, not in the model ({len(bad_extra)}): {bad_extra[:10]}")
+      f"{path}: does not match the model (a checkpoint of another model?).\n"
+      f"  in the model, not in the file ({len(bad_missing)}): {bad_missing[:10]}\n"
+      f"  in the file, not in the model ({len(bad_extra)}): {bad_extra[:10]}"
+    )
 
 
 def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool) -> np.ndarray:
@@ -130,7 +144,7 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: b
   tok, grid = (posemb[:, :1], posemb[0, 1:]) if has_class_token else (posemb[:, :0], posemb[0])
   n_new = num_tokens - tok.shape[1]
   gs_old, gs_new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(n_new)))
-  if gs_old ** 2 != len(grid) or gs_new ** 2 != n_new:
+  if gs_old**2 != len(grid) or gs_new**2 != n_new:
     raise ValueError(f"position embedding grids must be square: {len(grid)} -> {n_new} tokens")
   grid = grid.reshape(gs_old, gs_old, -1)
   zoom = (gs_new / gs_old, gs_new / gs_old, 1)
@@ -138,8 +152,9 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: b
   return np.concatenate([tok, grid], axis=1).astype(posemb.dtype)
 
 
-def load_pretrained(*, pretrained_path: str, init_params: Params,
-                    model_config: Any) -> dict[str, Any]:
+def load_pretrained(
+  *, pretrained_path: str, init_params: Params, model_config: Any
+) -> dict[str, Any]:
   """Loads a pretrained `.npz` for fine-tuning into the shapes of `init_params`.
 
   - the head always comes from `init_params` (any class count; the in21k heads are zeros);
@@ -153,8 +168,12 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
   path = os.fspath(pretrained_path)
   flat = load_flat(path)
   init = {k: np.asarray(v) if hasattr(v, "shape") else v for k, v in _flatten(init_params).items()}
-  logging.info("load_pretrained: %s (%d arrays, %s parameters)", path, len(flat),
-               f"{sum(v.size for v in flat.values()):,}")
+  logging.info(
+    "load_pretrained: %s (%d arrays, %s parameters)",
+    path,
+    len(flat),
+    f"{sum(v.size for v in flat.values()):,}",
+  )
 
   has_rep = getattr(model_config, "representation_size", None) is not None
   if not has_rep and any(k.startswith("pre_logits/") for k in flat):
@@ -163,28 +182,37 @@ def load_pretrained(*, pretrained_path: str, init_params: Params,
   for key in ("head/kernel", "head/bias"):
     if key in init:
       old = flat.get(key)
-      logging.info("load_pretrained: head reset: %s %s -> %s (model init)", key,
-                   None if old is None else old.shape, init[key].shape)
+      logging.info(
+        "load_pretrained: head reset: %s %s -> %s (model init)",
+        key,
+        None if old is None else old.shape,
+        init[key].shape,
+      )
       flat[key] = init[key]
     elif key in flat:  # a feature extractor (num_classes=0) keeps no head
       logging.info("load_pretrained: dropping %s: the model has no head", key)
       del flat[key]
-  inspect_params(params=traverse_util.unflatten_dict(flat, sep="/"),
-                 expected=traverse_util.unflatten_dict(init, sep="/"), path=path)
+  inspect_params(
+    params=traverse_util.unflatten_dict(flat, sep="/"),
+    expected=traverse_util.unflatten_dict(init, sep="/"),
+    path=path,
+  )
 
   if _POSEMB in init and flat[_POSEMB].shape != init[_POSEMB].shape:
     old, new = flat[_POSEMB].shape, init[_POSEMB].shape
     if old[2] != new[2]:
       raise CheckpointError(f"{path}: {_POSEMB} has width {old[2]}, the model {new[2]}")
     flat[_POSEMB] = interpolate_posembed(
-        flat[_POSEMB], new[1], has_class_token=getattr(model_config, "classifier", "token")
-        == "token")
+      flat[_POSEMB], new[1], has_class_token=getattr(model_config, "classifier", "token") == "token"
+    )
     logging.info("load_pretrained: resized variant: %s %s -> %s", _POSEMB, old, new)
 
   for key, want in init.items():
     if flat[key].shape != want.shape:
-      raise CheckpointError(f"{path}: {key} has shape {flat[key].shape} in the file, the model "
-                            f"expects {want.shape} (a checkpoint of another model size?)")
+      raise CheckpointError(
+        f"{path}: {key} has shape {flat[key].shape} in the file, the model "
+        f"expects {want.shape} (a checkpoint of another model size?)"
+      )
     flat[key] = flat[key].astype(want.dtype)
   return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -223,15 +251,19 @@ def load_metadata(path: str) -> dict[str, Any]:
 def _orbax_params(step_dir: str) -> dict[str, Any]:
   """The `params` of a training checkpoint step folder, as numpy on the host (any topology)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (only this path needs it)
+
   item = os.path.join(step_dir, "default")
   ckptr = ocp.PyTreeCheckpointer()
   tree = ckptr.metadata(item).item_metadata.tree
   if "params" not in tree:
     raise CheckpointError(f"{step_dir}: an orbax checkpoint without 'params'")
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-  out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
-      item={"params": tree["params"]}, restore_args={"params": restore_args},
-      partial_restore=True))
+  out = ckptr.restore(
+    item,
+    args=ocp.args.PyTreeRestore(
+      item={"params": tree["params"]}, restore_args={"params": restore_args}, partial_restore=True
+    ),
+  )
   return jax.tree.map(lambda x: np.asarray(x, np.float32), out["params"])
 
 
@@ -256,8 +288,10 @@ def load_for_inference(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if steps:
       step_dir = os.path.join(path, "checkpoints", str(steps[-1]))
   if step_dir is None or not os.path.isdir(os.path.join(step_dir, "default")):
-    raise CheckpointError(f"{path}: not a checkpoint: expected an .npz file, a training workdir "
-                          "(with params.npz or checkpoints/), or an orbax step folder")
+    raise CheckpointError(
+      f"{path}: not a checkpoint: expected an .npz file, a training workdir "
+      "(with params.npz or checkpoints/), or an orbax step folder"
+    )
   meta = {}
   run_json = os.path.join(workdir, "run.json")
   if os.path.isfile(run_json):

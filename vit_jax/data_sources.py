@@ -21,20 +21,33 @@ import os
 import pathlib
 from typing import Any
 
-from absl import logging
 import ml_collections
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
 
 from vit_jax import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", ".cache/fashion-mnist",
-                      ".cache/fmnist/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+  "T-shirt/top",
+  "Trouser",
+  "Pullover",
+  "Dress",
+  "Coat",
+  "Sandal",
+  "Shirt",
+  "Sneaker",
+  "Bag",
+  "Ankle boot",
+)
+FASHION_MNIST_DIRS = (
+  "/usr/share/datasets/fashion-mnist",
+  ".cache/fashion-mnist",
+  ".cache/fmnist/usr/share/datasets/fashion-mnist",
+)
 SPLITS = ("train", "test")
 _MAX_LOGGED_BAD_FILES = 20
 
@@ -44,6 +57,7 @@ _MAX_LOGGED_BAD_FILES = 20
 @dataclasses.dataclass(frozen=True)
 class Examples:
   """One split of a source whose examples are addressable by index."""
+
   data: np.ndarray  # file paths (str) or images [N, H, W] uint8
   labels: np.ndarray  # [N] int32
 
@@ -51,6 +65,7 @@ class Examples:
 @dataclasses.dataclass(frozen=True)
 class IndexedSource:
   """An image folder (data = paths) or in-memory arrays (data = pixels)."""
+
   splits: dict[str, Examples]
   is_files: bool
 
@@ -79,26 +94,28 @@ class DatasetInfo:
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Finds and checks the data of `config.dataset`; every data error surfaces here."""
   if not config.dataset:
-    raise ValueError("config.dataset is empty: give an image folder, 'fashion_mnist' or a tfds "
-                     "name.")
+    raise ValueError(
+      "config.dataset is empty: give an image folder, 'fashion_mnist' or a tfds name."
+    )
   if config.dataset == "fashion_mnist":
     class_names, source = _fashion_mnist_source(config)
-  elif (os.path.isdir(os.path.expanduser(config.dataset))
-        or config.dataset.startswith(("/", ".", "~"))):
+  elif os.path.isdir(os.path.expanduser(config.dataset)) or config.dataset.startswith(
+    ("/", ".", "~")
+  ):
     class_names, source = _folder_source(config)
   else:  # tfds names may contain '/' too ("name/config"), so a missing folder ends up here.
     class_names, source = _tfds_source(config)
   if isinstance(source, IndexedSource):
     num_examples = {split: source.split_size(split) for split in SPLITS}
   else:
-    num_examples = {split: tfds_split_size(source.builder, source.split_names[split],
-                                            f"config.pp.{split}")
-                    for split in SPLITS}
+    num_examples = {
+      split: tfds_split_size(source.builder, source.split_names[split], f"config.pp.{split}")
+      for split in SPLITS
+    }
   for split, n in num_examples.items():
     if n == 0:
       raise ValueError(f"The {split} split of {config.dataset!r} is empty.")
   return DatasetInfo(class_names=tuple(class_names), num_examples=num_examples, source=source)
-
 
 
 def _check_split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -106,19 +123,23 @@ def _check_split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
   names = {"train": config.pp.train, "test": config.pp.test}
   for field, name in names.items():
     if name not in SPLITS:
-      raise ValueError(f"config.pp.{field}={name!r}: {config.dataset!r} has only the splits "
-                       f"'train' and 'test' (slicing like 'train[:90%]' is for tfds datasets).")
+      raise ValueError(
+        f"config.pp.{field}={name!r}: {config.dataset!r} has only the splits "
+        f"'train' and 'test' (slicing like 'train[:90%]' is for tfds datasets)."
+      )
   return names
 
 
-def _select_classes(config: ml_collections.ConfigDict, known: list[str],
-                    where: str) -> tuple[list[str], np.ndarray]:
+def _select_classes(
+  config: ml_collections.ConfigDict, known: list[str], where: str
+) -> tuple[list[str], np.ndarray]:
   """Applies config.classes: returns the kept names and a map old label -> new label (-1: drop)."""
   wanted = list(config.classes or known)
   unknown = [c for c in wanted if c not in known]
   if unknown:
-    raise ValueError(f"config.classes has unknown class(es) {unknown}; the classes of {where} are: "
-                     f"{known}")
+    raise ValueError(
+      f"config.classes has unknown class(es) {unknown}; the classes of {where} are: {known}"
+    )
   if len(set(wanted)) != len(wanted):
     raise ValueError(f"config.classes lists a class twice: {wanted}")
   relabel = np.full(len(known), -1, np.int32)
@@ -141,17 +162,23 @@ def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], Indexe
     class_names = sorted(files["train"])
     extra = sorted(set(files["test"]) - set(files["train"]))
     if extra:
-      raise ValueError(f"Class folder {root / 'test' / extra[0]} has no counterpart in "
-                       f"{root / 'train'} (test classes missing from train: {extra}).")
+      raise ValueError(
+        f"Class folder {root / 'test' / extra[0]} has no counterpart in "
+        f"{root / 'train'} (test classes missing from train: {extra})."
+      )
     for name in sorted(set(files["train"]) - set(files["test"])):
       logging.warning("Class %s has no test images in %s.", name, root / "test")
   else:
     by_class = _list_class_files(root, root)
     class_names = sorted(by_class)
     # A hash of the path, not a seeded permutation: a file keeps its split as files are added.
-    files = {split: {name: [r for r in rels
-                            if (_hash_fraction(r) < config.test_fraction) == (split == "test")]
-                     for name, rels in by_class.items()} for split in SPLITS}
+    files = {
+      split: {
+        name: [r for r in rels if (_hash_fraction(r) < config.test_fraction) == (split == "test")]
+        for name, rels in by_class.items()
+      }
+      for split in SPLITS
+    }
 
   all_files = [r for split in SPLITS for rels in files[split].values() for r in rels]
   errors = _check_images(root, all_files)
@@ -159,22 +186,34 @@ def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], Indexe
   found = class_names
   class_names, relabel = _select_classes(config, found, str(root))
   for name in class_names:  # A kept class with no readable file is an error, not a skip.
-    by_folder = ({split: files[split].get(name, []) for split in SPLITS} if has_splits
-                 else {"": files["train"][name] + files["test"][name]})
+    by_folder = (
+      {split: files[split].get(name, []) for split in SPLITS}
+      if has_splits
+      else {"": files["train"][name] + files["test"][name]}
+    )
     for split, rels in by_folder.items():
       if rels and all(errors[r] is not None for r in rels):
         raise ValueError(f"No readable image in {root / split / name}.")
   splits = {}
   for split in SPLITS:
-    examples = [(r, label) for name, label in zip(found, relabel) if label >= 0
-                for r in files[split].get(name, []) if errors[r] is None]
+    examples = [
+      (r, label)
+      for name, label in zip(found, relabel)
+      if label >= 0
+      for r in files[split].get(name, [])
+      if errors[r] is None
+    ]
     if not examples:
-      raise ValueError(f"The {split} split of {root} is empty" + (
-          "." if has_splits else f" (config.test_fraction={config.test_fraction})."))
+      raise ValueError(
+        f"The {split} split of {root} is empty"
+        + ("." if has_splits else f" (config.test_fraction={config.test_fraction}).")
+      )
     # Interleave the classes (order by path hash), so that each process's slice is class-balanced.
     examples.sort(key=lambda e: _hash_fraction(e[0]))
-    splits[split] = Examples(data=np.array([str(root / r) for r, _ in examples]),
-                              labels=np.array([l for _, l in examples], np.int32))
+    splits[split] = Examples(
+      data=np.array([str(root / r) for r, _ in examples]),
+      labels=np.array([l for _, l in examples], np.int32),
+    )
   splits = {"train": splits[split_names["train"]], "test": splits[split_names["test"]]}
   return class_names, IndexedSource(splits=splits, is_files=True)
 
@@ -182,8 +221,9 @@ def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], Indexe
 def _list_class_files(root: pathlib.Path, top: pathlib.Path) -> dict[str, list[str]]:
   """Returns {class: [image paths relative to root]} for `top/<class>/**`."""
   if not top.is_dir():
-    raise ValueError(f"Missing split folder {top}: a dataset with a train/ or test/ folder needs "
-                     f"both.")
+    raise ValueError(
+      f"Missing split folder {top}: a dataset with a train/ or test/ folder needs both."
+    )
   classes = sorted(d.name for d in top.iterdir() if d.is_dir() and not d.name.startswith("."))
   if not classes:
     raise ValueError(f"No class folders in {top}: expected {top}/<class name>/<images>.")
@@ -192,11 +232,15 @@ def _list_class_files(root: pathlib.Path, top: pathlib.Path) -> dict[str, list[s
     rels = []
     for dirpath, dirnames, filenames in os.walk(top / name):
       dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      rels += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames)
-               if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+      rels += [
+        os.path.relpath(os.path.join(dirpath, f), root)
+        for f in sorted(filenames)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+      ]
     if not rels:
-      raise ValueError(f"Class folder {top / name} has no images "
-                       f"(extensions: {', '.join(IMAGE_EXTENSIONS)}).")
+      raise ValueError(
+        f"Class folder {top / name} has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})."
+      )
     files[name] = rels
   return files
 
@@ -233,8 +277,11 @@ def _cache_dir() -> pathlib.Path:
 def _check_images(root: pathlib.Path, rels: list[str]) -> dict[str, str | None]:
   """Returns {rel: error or None}. Verdicts are cached per (path, size, mtime) in a JSON manifest
   under the cache dir ($VIT_JAX_CACHE_DIR, default ~/.cache/vit_jax), so a second run is instant."""
-  manifest_path = (_cache_dir() / "image_checks" /
-                   f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()[:16]}.json")
+  manifest_path = (
+    _cache_dir()
+    / "image_checks"
+    / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+  )
   try:
     cached = json.loads(manifest_path.read_text())["files"]
   except (OSError, ValueError, KeyError):
@@ -273,8 +320,10 @@ def _report_bad_images(root: pathlib.Path, errors: dict[str, str | None], strict
   if not bad:
     return
   if strict:
-    raise ValueError(f"Unreadable image {root / bad[0]}: {errors[bad[0]]} ({len(bad)} unreadable "
-                     f"file(s) in all; config.strict_images=False skips them with a warning).")
+    raise ValueError(
+      f"Unreadable image {root / bad[0]}: {errors[bad[0]]} ({len(bad)} unreadable "
+      f"file(s) in all; config.strict_images=False skips them with a warning)."
+    )
   for rel in bad[:_MAX_LOGGED_BAD_FILES]:
     logging.warning("Skipping unreadable image %s: %s", root / rel, errors[rel])
   if len(bad) > _MAX_LOGGED_BAD_FILES:
@@ -307,9 +356,10 @@ def find_fashion_mnist(configured: str) -> str:
     if os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")):
       return path
   raise ValueError(
-      f"Fashion-MNIST not found in {', '.join(candidates)}. Install it with `apt-get install "
-      f"dataset-fashion-mnist` (as root), or set --config.fashion_mnist_dir to a folder with its "
-      f"four IDX .gz files or to a .npz with x_train, y_train, x_test, y_test.")
+    f"Fashion-MNIST not found in {', '.join(candidates)}. Install it with `apt-get install "
+    f"dataset-fashion-mnist` (as root), or set --config.fashion_mnist_dir to a folder with its "
+    f"four IDX .gz files or to a .npz with x_train, y_train, x_test, y_test."
+  )
 
 
 @functools.lru_cache(maxsize=2)
@@ -322,13 +372,19 @@ def load_fashion_mnist(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise ValueError(f"{path} lacks the array(s) {sorted(missing)}.")
       out = {s: (f[f"x_{s}"].astype(np.uint8), f[f"y_{s}"].astype(np.int32)) for s in SPLITS}
   else:
-    out = {s: (_read_idx(os.path.join(path, f"{prefix}-images-idx3-ubyte.gz"), 3),
-               _read_idx(os.path.join(path, f"{prefix}-labels-idx1-ubyte.gz"), 1).astype(np.int32))
-           for s, prefix in (("train", "train"), ("test", "t10k"))}
+    out = {
+      s: (
+        _read_idx(os.path.join(path, f"{prefix}-images-idx3-ubyte.gz"), 3),
+        _read_idx(os.path.join(path, f"{prefix}-labels-idx1-ubyte.gz"), 1).astype(np.int32),
+      )
+      for s, prefix in (("train", "train"), ("test", "t10k"))
+    }
   for split, (images, labels) in out.items():
     if images.ndim != 3 or len(images) != len(labels) or not np.all((labels >= 0) & (labels < 10)):
-      raise ValueError(f"{path}: the {split} images {images.shape} and labels {labels.shape} do "
-                       f"not look like Fashion-MNIST.")
+      raise ValueError(
+        f"{path}: the {split} images {images.shape} and labels {labels.shape} do "
+        f"not look like Fashion-MNIST."
+      )
   return out
 
 
@@ -343,10 +399,11 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
   magic = int.from_bytes(raw[:4], "big")
   if magic != 0x800 + ndim or len(raw) < header:
     raise ValueError(f"{path} is not an IDX file of {ndim} dimension(s) (magic {magic:#x}).")
-  shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+  shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
   if len(raw) - header != math.prod(shape):
-    raise ValueError(f"{path} is truncated: header says {shape}, data has {len(raw) - header} "
-                     f"bytes.")
+    raise ValueError(
+      f"{path} is truncated: header says {shape}, data has {len(raw) - header} bytes."
+    )
   return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
@@ -359,27 +416,38 @@ def _tfds_source(config: ml_collections.ConfigDict) -> tuple[list[str], TfdsSour
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except ValueError as e:  # includes tfds' DatasetNotFoundError
     reason = str(e).split(" Available datasets")[0].splitlines()[0][:200]
-    raise ValueError(f"Dataset folder {os.path.abspath(config.dataset)} does not exist, and "
-                     f"config.dataset={config.dataset!r} is no tfds dataset either ({reason})."
-                     ) from e
+    raise ValueError(
+      f"Dataset folder {os.path.abspath(config.dataset)} does not exist, and "
+      f"config.dataset={config.dataset!r} is no tfds dataset either ({reason})."
+    ) from e
   if config.classes:
-    raise ValueError("config.classes is only supported for image folders and fashion_mnist, not "
-                     f"for the tfds dataset {config.dataset!r}.")
+    raise ValueError(
+      "config.classes is only supported for image folders and fashion_mnist, not "
+      f"for the tfds dataset {config.dataset!r}."
+    )
   if not builder.is_prepared():
     if not config.tfds_download:
       raise ValueError(
-          f"tfds dataset {config.dataset!r} is not prepared in {builder.data_dir}. Prepare it once "
-          f"with --config.tfds_download=True on a machine with internet access, or point "
-          f"--config.tfds_data_dir at a folder where it is prepared.")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=config.tfds_manual_dir or None))
+        f"tfds dataset {config.dataset!r} is not prepared in {builder.data_dir}. Prepare it once "
+        f"with --config.tfds_download=True on a machine with internet access, or point "
+        f"--config.tfds_data_dir at a folder where it is prepared."
+      )
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir or None)
+    )
   features = builder.info.features
-  if ("image" not in features or "label" not in features
-      or not isinstance(features["label"], tfds.features.ClassLabel)):
-    raise ValueError(f"tfds dataset {config.dataset!r} needs an 'image' and a ClassLabel 'label' "
-                     f"feature; it has {list(features.keys())}.")
-  source = TfdsSource(builder=builder,
-                       split_names={"train": config.pp.train, "test": config.pp.test})
+  if (
+    "image" not in features
+    or "label" not in features
+    or not isinstance(features["label"], tfds.features.ClassLabel)
+  ):
+    raise ValueError(
+      f"tfds dataset {config.dataset!r} needs an 'image' and a ClassLabel 'label' "
+      f"feature; it has {list(features.keys())}."
+    )
+  source = TfdsSource(
+    builder=builder, split_names={"train": config.pp.train, "test": config.pp.test}
+  )
   return list(features["label"].names), source
 
 
@@ -390,8 +458,10 @@ def tfds_split_size(builder: Any, split: Any, field: str = "split") -> int:
   try:
     return builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
-    raise ValueError(f"{field}={split!r} is not a split of {builder.name} (its splits: "
-                     f"{list(builder.info.splits)}; slicing like 'train[:90%]' works).") from e
+    raise ValueError(
+      f"{field}={split!r} is not a split of {builder.name} (its splits: "
+      f"{list(builder.info.splits)}; slicing like 'train[:90%]' works)."
+    ) from e
 
 
 def tfds_process_split(split: str, process_index: int, process_count: int) -> Any:
@@ -401,6 +471,9 @@ def tfds_process_split(split: str, process_index: int, process_count: int) -> An
 def tfds_records(source: TfdsSource, split: Any, *, seed: int | None) -> tf.data.Dataset:
   """(encoded image, label) records; file order shuffled with `seed` unless it is None."""
   ds = source.builder.as_dataset(
-      split=split, shuffle_files=seed is not None, decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True))
+    split=split,
+    shuffle_files=seed is not None,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True),
+  )
   return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))

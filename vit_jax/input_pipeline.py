@@ -18,8 +18,8 @@ import jax
 import ml_collections
 import tensorflow as tf
 
-from vit_jax import data_sources
-from vit_jax import preprocess
+from vit_jax import data_sources, preprocess
+
 # The face of google-research/vision_transformer: `input_pipeline.get_dataset_info(config)`.
 from vit_jax.data_sources import DatasetInfo, get_dataset_info  # pylint: disable=unused-import
 
@@ -40,8 +40,9 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def _local_batch(batch: int, process_count: int, field: str) -> int:
   if batch <= 0 or batch % process_count:
-    raise ValueError(f"{field}={batch} must be a positive multiple of the process count "
-                     f"({process_count}).")
+    raise ValueError(
+      f"{field}={batch} must be a positive multiple of the process count ({process_count})."
+    )
   return batch // process_count
 
 
@@ -50,9 +51,9 @@ def _slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
   return n * process_index // process_count, n * (process_index + 1) // process_count
 
 
-
-def _loader(examples: data_sources.Examples, is_files: bool, decode: bool = True
-            ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+def _loader(
+  examples: data_sources.Examples, is_files: bool, decode: bool = True
+) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
   """index -> (image, int32 label); the image is [H, W, 3] uint8, or file bytes if not `decode`."""
   data, labels = tf.constant(examples.data), tf.constant(examples.labels)
 
@@ -68,7 +69,6 @@ def _loader(examples: data_sources.Examples, is_files: bool, decode: bool = True
   return load
 
 
-
 def _epoch_permutations(n: int, seed: int, start: int) -> tf.data.Dataset:
   """Example indices in training order from element `start` on: epoch e is a permutation of
   range(n) that depends only on (seed, e), so skipping costs integers, not images."""
@@ -76,19 +76,21 @@ def _epoch_permutations(n: int, seed: int, start: int) -> tf.data.Dataset:
 
   def epoch(e):
     order = tf.random.experimental.stateless_shuffle(
-        tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+      tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e])
+    )
     return tf.data.Dataset.from_tensor_slices(order)
 
   return tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch).skip(offset)
 
 
-def _process_indices(n: int, seed: int, start_step: int, global_batch: int, process_index: int,
-                     local_batch: int) -> tf.data.Dataset:
+def _process_indices(
+  n: int, seed: int, start_step: int, global_batch: int, process_index: int, local_batch: int
+) -> tf.data.Dataset:
   """This process's example indices from step `start_step` on: of each global batch of the
   process-independent stream `_epoch_permutations`, rows process_index * local_batch onwards."""
   lo = process_index * local_batch
   ds = _epoch_permutations(n, seed, start_step * global_batch).batch(global_batch)
-  return ds.map(lambda rows: rows[lo:lo + local_batch]).unbatch()
+  return ds.map(lambda rows: rows[lo : lo + local_batch]).unbatch()
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -97,9 +99,14 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
-                      start_step: int = 0, process_index: int | None = None,
-                      process_count: int | None = None) -> tf.data.Dataset:
+def get_train_dataset(
+  config: ml_collections.ConfigDict,
+  info: DatasetInfo,
+  *,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
   """Infinite batches {'image': [B, crop, crop, 3], 'label': [B] int32}, B = batch / processes.
 
   Deterministic in config.seed; with start_step=k it yields exactly batches k, k+1, ... of the
@@ -124,11 +131,14 @@ def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
 
     def prepare(element, example):
       image, label = load(example)
-      return {"image": preprocess.train_preprocess(image, key_of(element), config.pp),
-              "label": label}
+      return {
+        "image": preprocess.train_preprocess(image, key_of(element), config.pp),
+        "label": label,
+      }
 
-    ds = _process_indices(source.split_size("train"), config.seed, start_step, config.batch,
-                          index, batch).enumerate(start)
+    ds = _process_indices(
+      source.split_size("train"), config.seed, start_step, config.batch, index, batch
+    ).enumerate(start)
   else:
     split = data_sources.tfds_process_split(source.split_names["train"], index, count)
     n_local = data_sources.tfds_split_size(source.builder, split)
@@ -140,8 +150,10 @@ def get_train_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
 
     def prepare(element, record):
       encoded, label = record
-      return {"image": preprocess.train_preprocess(encoded, key_of(element), config.pp),
-              "label": label}
+      return {
+        "image": preprocess.train_preprocess(encoded, key_of(element), config.pp),
+        "label": label,
+      }
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   if isinstance(source, data_sources.TfdsSource) or source.is_files:
@@ -156,23 +168,29 @@ def _eval_local_sizes(source: Any, count: int) -> list[int]:
     n = source.split_size("test")
     return [hi - lo for lo, hi in (_slice(n, i, count) for i in range(count))]
   split = source.split_names["test"]
-  return [data_sources.tfds_split_size(source.builder,
-                                       data_sources.tfds_process_split(split, i, count))
-          for i in range(count)]
+  return [
+    data_sources.tfds_split_size(source.builder, data_sources.tfds_process_split(split, i, count))
+    for i in range(count)
+  ]
 
 
-def num_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
-                     process_count: int | None = None) -> int:
+def num_eval_batches(
+  config: ml_collections.ConfigDict, info: DatasetInfo, process_count: int | None = None
+) -> int:
   """Batches every process yields in evaluation: enough for the largest process slice."""
   _, count = _processes(0, process_count)
   batch = _local_batch(config.batch_eval, count, "config.batch_eval")
   return math.ceil(max(_eval_local_sizes(_source(config, info), count)) / batch)
 
 
-def get_eval_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
-                     process_index: int | None = None,
-                     process_count: int | None = None,
-                     with_ids: bool = False) -> tf.data.Dataset:
+def get_eval_dataset(
+  config: ml_collections.ConfigDict,
+  info: DatasetInfo,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  with_ids: bool = False,
+) -> tf.data.Dataset:
   """Finite eval batches {'image', 'label', 'mask' (int32, 0 = padding)} of batch_eval/processes.
 
   Every process yields num_eval_batches(...) batches; padding (zero images, mask 0) fills the
@@ -193,19 +211,29 @@ def get_eval_dataset(config: ml_collections.ConfigDict, info: DatasetInfo, *,
     split = data_sources.tfds_process_split(source.split_names["test"], index, count)
     n_local = data_sources.tfds_split_size(source.builder, split)
     ds = data_sources.tfds_records(source, split, seed=None)
-    ds = ds.map(lambda encoded, label: (preprocess.decode(encoded), label),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda image, label: {"image": preprocess.eval_preprocess(image, config.pp),
-                                    "label": label, "mask": tf.constant(1, tf.int32)},
-              num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+      lambda encoded, label: (preprocess.decode(encoded), label),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+  ds = ds.map(
+    lambda image, label: {
+      "image": preprocess.eval_preprocess(image, config.pp),
+      "label": label,
+      "mask": tf.constant(1, tf.int32),
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   if with_ids:  # processes read consecutive slices of the split: offset = earlier slices' sizes
     offset = sum(_eval_local_sizes(source, count)[:index])
     ds = ds.enumerate(offset).map(lambda i, ex: {**ex, "index": tf.cast(i, tf.int32)})
   if config.cache:
     ds = ds.cache()
   dtype = tf.bfloat16 if config.pp.bfloat16 else tf.float32
-  padding = {"image": tf.zeros([config.pp.crop, config.pp.crop, 3], dtype),
-             "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}
+  padding = {
+    "image": tf.zeros([config.pp.crop, config.pp.crop, 3], dtype),
+    "label": tf.constant(0, tf.int32),
+    "mask": tf.constant(0, tf.int32),
+  }
   if with_ids:
     padding["index"] = tf.constant(-1, tf.int32)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - n_local))

@@ -16,7 +16,8 @@ class MetricWriter:
   def __init__(self, workdir: str):
     self._primary = jax.process_index() == 0
     self._tb = metric_writers.create_default_writer(
-        workdir, just_logging=not self._primary, asynchronous=False)
+      workdir, just_logging=not self._primary, asynchronous=False
+    )
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._primary else None
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -67,8 +68,14 @@ class Progress:
     rate = (step - last_step) / max(elapsed - last_elapsed, 1e-9)  # steps/s
     eta = (self.total_steps - step) * (elapsed / max(step - self._step0, 1))
     img_s = rate * self.global_batch / jax.device_count()
-    logging.info("step %d/%d (%.1f%%): %.1f img/s/device, ETA %s", step, self.total_steps,
-                 100 * step / self.total_steps, img_s, _hms(eta))
+    logging.info(
+      "step %d/%d (%.1f%%): %.1f img/s/device, ETA %s",
+      step,
+      self.total_steps,
+      100 * step / self.total_steps,
+      img_s,
+      _hms(eta),
+    )
     return {"img_sec_device": img_s}
 
   def paused(self) -> "_Pause":
@@ -76,7 +83,6 @@ class Progress:
 
 
 class _Pause:
-
   def __init__(self, progress: Progress):
     self._p = progress
 

@@ -20,6 +20,7 @@ class ResNetConfig:
 
   `num_layers=()` is the root alone (7x7/2 conv and 3x3/2 max-pool: a /4 feature map).
   """
+
   num_layers: tuple[int, ...] = ()
   width_factor: float = 1.0
 
@@ -37,7 +38,7 @@ class ResNetConfig:
   @property
   def stride(self) -> int:
     """Input pixels per feature-map pixel: 4 for the root, then 2 per stage after the first."""
-    return 2 ** self._halvings
+    return 2**self._halvings
 
   def feature_side(self, image_size: int) -> int:
     """Side of the stem's feature map for `image_size` px (SAME padding rounds up)."""
@@ -49,23 +50,27 @@ class ResNetConfig:
     return dict(num_layers=list(self.num_layers), width_factor=self.width_factor)
 
 
-def resnet_config(value: Union[None, ResNetConfig, Mapping[str, Any], Any]
-                  ) -> ResNetConfig | None:
+def resnet_config(value: Union[None, ResNetConfig, Mapping[str, Any], Any]) -> ResNetConfig | None:
   """A ResNetConfig from None, a ResNetConfig, a mapping or a ConfigDict (`num_layers`,
   `width_factor`); raises ValueError on anything else."""
   if value is None or isinstance(value, ResNetConfig):
     return value
   get = value.get if isinstance(value, Mapping) else lambda k, d=None: getattr(value, k, d)
   try:
-    cfg = ResNetConfig(num_layers=tuple(int(n) for n in get("num_layers", ())),
-                       width_factor=float(get("width_factor", 1.0)))
+    cfg = ResNetConfig(
+      num_layers=tuple(int(n) for n in get("num_layers", ())),
+      width_factor=float(get("width_factor", 1.0)),
+    )
   except (TypeError, ValueError) as e:
-    raise ValueError(f"resnet must have num_layers (a tuple of ints) and width_factor (a "
-                     f"number), got {value!r}") from e
+    raise ValueError(
+      f"resnet must have num_layers (a tuple of ints) and width_factor (a number), got {value!r}"
+    ) from e
   if cfg.width < 32 or cfg.width % 32 or any(n < 1 for n in cfg.num_layers):
-    raise ValueError(f"resnet: width_factor {cfg.width_factor} gives {cfg.width} root channels, "
-                     "which GroupNorm's 32 groups need to be a positive multiple of 32; "
-                     f"num_layers {cfg.num_layers} must be positive")
+    raise ValueError(
+      f"resnet: width_factor {cfg.width_factor} gives {cfg.width} root channels, "
+      "which GroupNorm's 32 groups need to be a positive multiple of 32; "
+      f"num_layers {cfg.num_layers} must be positive"
+    )
   return cfg
 
 
@@ -93,6 +98,7 @@ class StdConv(nn.Conv):
 
 class ResidualUnit(nn.Module):
   """Bottleneck unit: 1x1, 3x3 (strided), 1x1 convs with GroupNorm; 4 * features outputs."""
+
   features: int
   strides: tuple[int, int] = (1, 1)
   dtype: Any = jnp.float32
@@ -107,13 +113,15 @@ class ResidualUnit(nn.Module):
     y = nn.relu(gn("gn1")(conv(self.features, (1, 1), (1, 1), "conv1")(x)))
     y = nn.relu(gn("gn2")(conv(self.features, (3, 3), self.strides, "conv2")(y)))
     # gn3 starts at zero: each unit starts as (projected) identity.
-    y = gn("gn3", scale_init=nn.initializers.zeros)(conv(self.features * 4, (1, 1), (1, 1),
-                                                         "conv3")(y))
+    y = gn("gn3", scale_init=nn.initializers.zeros)(
+      conv(self.features * 4, (1, 1), (1, 1), "conv3")(y)
+    )
     return nn.relu(residual + y)
 
 
 class ResNetStage(nn.Module):
   """`block_size` units; the first carries the stride (and the projection)."""
+
   block_size: int
   nout: int
   first_stride: tuple[int, int]
@@ -135,7 +143,11 @@ def resnet_stem(x: Array, config: ResNetConfig, dtype: Any = jnp.float32) -> Arr
   x = nn.relu(nn.GroupNorm(dtype=dtype, name="gn_root")(x))
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
   for i, block_size in enumerate(config.num_layers):
-    x = ResNetStage(block_size=block_size, nout=width * 2 ** i,
-                    first_stride=(1, 1) if i == 0 else (2, 2), dtype=dtype,
-                    name=f"block{i + 1}")(x)
+    x = ResNetStage(
+      block_size=block_size,
+      nout=width * 2**i,
+      first_stride=(1, 1) if i == 0 else (2, 2),
+      dtype=dtype,
+      name=f"block{i + 1}",
+    )(x)
   return x

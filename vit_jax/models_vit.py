@@ -26,14 +26,19 @@ _LN_EPS = 1e-6
 def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
   # use_fast_variance=False: E[(x-mean)^2] is exact where E[x^2]-E[x]^2 loses bits on large means,
   # which keeps logits within 1e-5 of timm / Hugging Face.
-  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return nn.LayerNorm(
+    epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+  )
 
 
 # `remat_policy` names -> jax.checkpoint_policies: from least memory (recompute the whole block)
 # to most (keep every matmul output, recompute only elementwise ops).
-REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
-                  "everything_saveable")
+REMAT_POLICIES = (
+  "nothing_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "dots_saveable",
+  "everything_saveable",
+)
 
 
 def get_remat_policy(name: str) -> Callable:
@@ -74,6 +79,7 @@ cotangent_boundary.defvjp(_cotangent_boundary_fwd, _cotangent_boundary_bwd)
 
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings (the class slot included) to the token sequence."""
+
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -83,8 +89,9 @@ class AddPositionEmbs(nn.Module):
     return inputs + pe.astype(inputs.dtype)
 
 
-def padded_dot_product_attention(q: Array, k: Array, v: Array, *, implementation: Optional[str],
-                                 multiple: int = 64) -> Array:
+def padded_dot_product_attention(
+  q: Array, k: Array, v: Array, *, implementation: Optional[str], multiple: int = 64
+) -> Array:
   """`jax.nn.dot_product_attention` with the tokens padded to a multiple of `multiple`.
 
   cuDNN's fused attention rejects sequence lengths such as ViT's 197 (196 patches + class token);
@@ -97,13 +104,20 @@ def padded_dot_product_attention(q: Array, k: Array, v: Array, *, implementation
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
   lengths = jnp.full((q.shape[0],), t, jnp.int32)
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), implementation=implementation,
-                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  out = jax.nn.dot_product_attention(
+    pad(q),
+    pad(k),
+    pad(v),
+    implementation=implementation,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths,
+  )
   return out[:, :t]
 
 
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dropout -> Dense -> Dropout."""
+
   mlp_dim: int
   dropout_rate: float = 0.0
   gelu_approximate: bool = True
@@ -116,9 +130,12 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
     dense = functools.partial(
-        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
+      nn.Dense,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      bias_init=nn.initializers.normal(stddev=1e-6),
+    )
     x = dense(self.mlp_dim)(inputs)
     # The checkpoints were trained with the tanh approximation (flax.linen.gelu's default).
     gelu = functools.partial(nn.gelu, approximate=self.gelu_approximate)
@@ -136,6 +153,7 @@ class MultiHeadDotProductAttention(nn.Module):
   (and which uses cuDNN flash attention on GPU when `attention_impl='cudnn'`, with the tokens
   padded to a multiple of 64 as cuDNN requires).
   """
+
   num_heads: int
   dropout_rate: float = 0.0
   attention_impl: Optional[str] = None  # None (XLA) or "cudnn"
@@ -149,8 +167,11 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"hidden_size {features} is not divisible by num_heads {self.num_heads}")
     head_dim = features // self.num_heads
     dense = functools.partial(
-        nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform())
+      nn.DenseGeneral,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+    )
     q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ("query", "key", "value"))
     if self.dropout_rate > 0.0 and not deterministic:
       # Dropout on the attention weights needs them materialised.
@@ -162,13 +183,19 @@ class MultiHeadDotProductAttention(nn.Module):
       out = padded_dot_product_attention(q, k, v, implementation="cudnn")
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-    return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype,
-                           param_dtype=self.param_dtype,
-                           kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+    return nn.DenseGeneral(
+      features,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      name="out",
+    )(out)
 
 
 class Encoder1DBlock(nn.Module):
   """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
@@ -193,21 +220,29 @@ class Encoder1DBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = _layer_norm("LayerNorm_0", **kw)(inputs)
     x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        attention_impl=self.attention_impl, name="MultiHeadDotProductAttention_0", **kw)(
-            x, deterministic=deterministic)
+      num_heads=self.num_heads,
+      dropout_rate=self.attention_dropout_rate,
+      attention_impl=self.attention_impl,
+      name="MultiHeadDotProductAttention_0",
+      **kw,
+    )(x, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = inputs + self._drop_path(x, deterministic)
     y = _layer_norm("LayerNorm_1", **kw)(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                 gelu_approximate=self.gelu_approximate, recompute_gelu=self.recompute_gelu,
-                 name="MlpBlock_0", **kw)(
-                     y, deterministic=deterministic)
+    y = MlpBlock(
+      mlp_dim=self.mlp_dim,
+      dropout_rate=self.dropout_rate,
+      gelu_approximate=self.gelu_approximate,
+      recompute_gelu=self.recompute_gelu,
+      name="MlpBlock_0",
+      **kw,
+    )(y, deterministic=deterministic)
     return x + self._drop_path(y, deterministic)
 
 
 class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks, final LayerNorm (applied to every token)."""
+
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -231,25 +266,33 @@ class Encoder(nn.Module):
     # static_argnums=(2,): `deterministic` is a Python bool, not traced.
     block_cls = Encoder1DBlock
     if self.remat:
-      block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,),
-                           policy=get_remat_policy(self.remat_policy))
+      block_cls = nn.remat(
+        Encoder1DBlock, static_argnums=(2,), policy=get_remat_policy(self.remat_policy)
+      )
     for i in range(self.num_layers):
       if self.cotangent_boundaries:
         x = cotangent_boundary(x)
       # Stochastic depth grows linearly with depth, 0 for the first block.
       rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
-      x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                    dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-                    gelu_approximate=self.gelu_approximate, recompute_gelu=self.recompute_gelu,
-                    attention_impl=self.attention_impl, dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"encoderblock_{i}")(x, not train)
+      x = block_cls(
+        mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        drop_path_rate=rate,
+        gelu_approximate=self.gelu_approximate,
+        recompute_gelu=self.recompute_gelu,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"encoderblock_{i}",
+      )(x, not train)
     return _layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
 
 
 class VisionTransformer(nn.Module):
   """ViT classifier. `num_classes` 0 or None returns the pooled (pre-head) features."""
+
   num_classes: Optional[int]
   patch_size: int
   hidden_size: int
@@ -285,29 +328,50 @@ class VisionTransformer(nn.Module):
     if resnet is not None:  # patches are then cut from the stem's feature map
       x = models_resnet.resnet_stem(x, resnet, self.dtype)
     p = self.patch_size
-    x = nn.Conv(self.hidden_size, kernel_size=(p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, param_dtype=self.param_dtype, name="embedding")(x)
+    x = nn.Conv(
+      self.hidden_size,
+      kernel_size=(p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="embedding",
+    )(x)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))  # row-major over (h, w), as the checkpoints
     if self.classifier == "token":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
-    x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                stochastic_depth=self.stochastic_depth, gelu_approximate=self.gelu_approximate,
-                recompute_gelu=self.recompute_gelu, attention_impl=self.attention_impl,
-                remat=self.remat,
-                remat_policy=self.remat_policy,
-                cotangent_boundaries=self.cotangent_boundaries, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="Transformer")(x, train=train)
+    x = Encoder(
+      num_layers=self.num_layers,
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      stochastic_depth=self.stochastic_depth,
+      gelu_approximate=self.gelu_approximate,
+      recompute_gelu=self.recompute_gelu,
+      attention_impl=self.attention_impl,
+      remat=self.remat,
+      remat_policy=self.remat_policy,
+      cotangent_boundaries=self.cotangent_boundaries,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="Transformer",
+    )(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
-      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="pre_logits")(x)
+      x = nn.Dense(
+        self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
+      )(x)
       x = jnp.tanh(x)
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
+      x = nn.Dense(
+        self.num_classes,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.zeros,
+        bias_init=nn.initializers.constant(self.head_bias_init),
+        name="head",
+      )(x)
     return x.astype(jnp.float32)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import optax
 
 
-def create_learning_rate_schedule(*, total_steps: int, base: float, decay_type: str,
-                                  warmup_steps: int, linear_end: float = 1e-5
-                                  ) -> Callable[[jax.Array], jax.Array]:
+def create_learning_rate_schedule(
+  *, total_steps: int, base: float, decay_type: str, warmup_steps: int, linear_end: float = 1e-5
+) -> Callable[[jax.Array], jax.Array]:
   """Linear warm-up, then cosine or linear decay. `step` is optax's 0-based update count.
 
   The anchor evaluates its schedule at the 0-based count, so its first update has lr 0; here
@@ -35,14 +35,19 @@ def create_learning_rate_schedule(*, total_steps: int, base: float, decay_type: 
 def _kernels_only(params: Any) -> Any:
   """Weight decay mask: matrices and conv kernels, not biases, LayerNorm or embeddings."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+    lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+  )
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable]:
   """Returns (tx, lr_fn) for `config.optimizer` in {'sgd', 'adamw'}."""
   lr_fn = create_learning_rate_schedule(
-      total_steps=config.total_steps, base=config.base_lr, decay_type=config.decay_type,
-      warmup_steps=config.warmup_steps, linear_end=config.linear_end)
+    total_steps=config.total_steps,
+    base=config.base_lr,
+    decay_type=config.decay_type,
+    warmup_steps=config.warmup_steps,
+    linear_end=config.linear_end,
+  )
   dtype = jnp.dtype(config.optim_dtype)
   parts = []
   if config.grad_norm_clip:
@@ -52,8 +57,9 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable]
       parts.append(optax.add_decayed_weights(config.weight_decay, mask=_kernels_only))
     parts.append(optax.sgd(lr_fn, momentum=config.momentum, accumulator_dtype=dtype))
   elif config.optimizer == "adamw":
-    parts.append(optax.adamw(lr_fn, weight_decay=config.weight_decay, mask=_kernels_only,
-                             mu_dtype=dtype))
+    parts.append(
+      optax.adamw(lr_fn, weight_decay=config.weight_decay, mask=_kernels_only, mu_dtype=dtype)
+    )
   else:
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
   return optax.chain(*parts), lr_fn

@@ -32,9 +32,14 @@ def _inception_crop(image: tf.Tensor, key: tf.Tensor, pp: ml_collections.ConfigD
 
   def window(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(pp.area_min, 1.0),
-        use_image_if_no_bounding_boxes=True)
+      shape,
+      bounding_boxes=tf.zeros([1, 0, 4]),
+      seed=key,
+      min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(pp.area_min, 1.0),
+      use_image_if_no_bounding_boxes=True,
+    )
     return begin, size
 
   def decode_then_crop(image):
@@ -52,8 +57,7 @@ def _inception_crop(image: tf.Tensor, key: tf.Tensor, pp: ml_collections.ConfigD
   return tf.cond(tf.io.is_jpeg(image), jpeg, lambda: decode_then_crop(decode(image)))
 
 
-def train_preprocess(image: tf.Tensor, key: tf.Tensor,
-                      pp: ml_collections.ConfigDict) -> tf.Tensor:
+def train_preprocess(image: tf.Tensor, key: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tensor:
   """`image`: [H, W, 3] uint8 or an encoded file. Randomness comes from `key` only."""
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   if pp.inception_crop:
@@ -70,7 +74,7 @@ def eval_preprocess(image: tf.Tensor, pp: ml_collections.ConfigDict) -> tf.Tenso
   if pp.eval_resize > pp.crop:
     image = tf.image.resize(image, [pp.eval_resize, pp.eval_resize], method="bilinear")
     offset = (pp.eval_resize - pp.crop) // 2
-    image = image[offset:offset + pp.crop, offset:offset + pp.crop]
+    image = image[offset : offset + pp.crop, offset : offset + pp.crop]
   else:
     image = tf.image.resize(image, [pp.crop, pp.crop], method="bilinear")
   return _normalise(image, pp)

@@ -11,7 +11,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 
@@ -24,7 +25,7 @@ def make_mesh() -> Mesh:
 def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
   """Shards the largest axis that divides evenly over the devices; small leaves replicated."""
   axes = [i for i in np.argsort(shape)[::-1] if shape[i] % n == 0 and shape[i] >= n]
-  if not axes or int(np.prod(shape)) < 2 ** 14:
+  if not axes or int(np.prod(shape)) < 2**14:
     return P()
   spec = [None] * len(shape)
   spec[axes[0]] = DATA
@@ -35,7 +36,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, fsdp: bool) -> Any:
   """NamedShardings for a state tree: replicated, or FSDP over the data axis."""
   n = mesh.shape[DATA]
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, n) if fsdp else P()), abstract_state)
+    lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, n) if fsdp else P()), abstract_state
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -51,8 +53,10 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def pmap_batch(local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Host-local batch -> [local_devices, per_device, ...] arrays, one shard per local device."""
   devices = jax.local_devices()
-  return {k: _put_sharded(np.reshape(v, (len(devices), -1) + v.shape[1:]), devices)
-          for k, v in local_batch.items()}
+  return {
+    k: _put_sharded(np.reshape(v, (len(devices), -1) + v.shape[1:]), devices)
+    for k, v in local_batch.items()
+  }
 
 
 def _put_sharded(stacked: np.ndarray, devices: list) -> jax.Array:
@@ -74,6 +78,7 @@ def to_pmap(state: Any) -> Any:
 
 def from_pmap(pstate: Any, shardings: Any) -> Any:
   """Replicas of a pmap state -> canonical global arrays with `shardings` (all processes)."""
+
   def get(x, s):
     local = np.asarray(x.addressable_data(0))[0]  # this device's replica, leading axis 1
     return jax.make_array_from_callback(local.shape, s, lambda idx: local[idx])
@@ -84,31 +89,40 @@ def from_pmap(pstate: Any, shardings: Any) -> Any:
 def put_global(tree: Any, shardings: Any) -> Any:
   """Host numpy tree -> global arrays; every process passes the same values (multi-host safe)."""
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-      tree, shardings)
+    lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+    tree,
+    shardings,
+  )
 
 
 def to_host(tree: Any) -> Any:
   """Global arrays -> numpy on every process (gathers FSDP shards across hosts)."""
+
   def get(x):
     if x.is_fully_addressable:
       return np.asarray(jax.device_get(x))
     if x.sharding.is_fully_replicated:
       return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
   return jax.tree.map(get, tree)
 
 
 class Jit:
   """`jax.jit` over the mesh: the running state is the canonical one, batches are global arrays."""
+
   axis_name: Optional[str] = None  # the step functions see the global batch
 
   def __init__(self, mesh: Mesh, state_shardings: Any):
     self.mesh, self.shardings = mesh, state_shardings
 
   def train_step(self, fn: Callable) -> Callable:
-    return jax.jit(fn, in_shardings=(self.shardings, batch_sharding(self.mesh)),
-                   out_shardings=(self.shardings, None), donate_argnums=(0,))
+    return jax.jit(
+      fn,
+      in_shardings=(self.shardings, batch_sharding(self.mesh)),
+      out_shardings=(self.shardings, None),
+      donate_argnums=(0,),
+    )
 
   def eval_step(self, fn: Callable) -> Callable:
     return jax.jit(fn, in_shardings=(self.shardings["params"], batch_sharding(self.mesh)))
@@ -131,6 +145,7 @@ class Jit:
 
 class Pmap(Jit):
   """`jax.pmap` over the local devices: a replica per device, per-device batches, `pmean`."""
+
   axis_name = "batch"
 
   def train_step(self, fn: Callable) -> Callable:
