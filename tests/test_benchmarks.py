@@ -54,28 +54,20 @@ def _positive(result: dict, *keys: str) -> None:
 # The package boundary.
 
 
-def test_the_gpu_benchmark_paths_import_no_tensorflow():
-  # The GPU machines that run speed, ab and hlo have no TensorFlow installed.
+@pytest.mark.parametrize(
+  "modules, forbidden",
+  [
+    # The GPU machines that run speed, ab and hlo have no TensorFlow installed.
+    ("benchmarks.speed, benchmarks.ab, benchmarks.hlo", ("tensorflow", "clu", "torch")),
+    # A training job needs neither PyTorch nor the measuring tools.
+    ("vit_jax.train", ("torch", "timm", "benchmarks")),
+  ],
+  ids=["gpu_benchmarks_without_tensorflow", "training_without_torch"],
+)
+def test_imports_stay_within_their_side(modules, forbidden):
   code = (
-    "import sys, benchmarks.speed, benchmarks.ab, benchmarks.hlo; "
-    "bad = [m for m in ('tensorflow', 'clu', 'torch') if m in sys.modules]; "
-    "assert not bad, bad"
-  )
-  proc = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    cwd=REPO,
-    env=dict(os.environ),
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def test_training_imports_neither_torch_nor_timm():
-  code = (
-    "import sys, vit_jax.train; "
-    "bad = [m for m in ('torch', 'timm', 'benchmarks') if m in sys.modules]; "
+    f"import sys, {modules}; "
+    f"bad = [m for m in {forbidden!r} if m in sys.modules]; "
     "assert not bad, bad"
   )
   proc = subprocess.run(

@@ -24,7 +24,6 @@ from ml_collections import config_flags
 from configs import common
 from vit_jax import (
   attention,
-  checkpoint,
   data_sources,
   eval_figures,
   eval_html,
@@ -60,25 +59,12 @@ def run_dir(checkpoint_path: str) -> str:
 
 
 def load_checkpoint(path: str) -> tuple[Any, dict[str, Any]]:
-  """(params, metadata) via checkpoint.load_for_inference; a classifier with metadata or an
+  """(params, metadata) of a classifier checkpoint (`predict.load_classifier`), or an
   EvaluateError."""
-  if not os.path.exists(path):
-    raise EvaluateError(
-      f"{path}: no such checkpoint (expected a training workdir, an .npz or an orbax step folder)"
-    )
   try:
-    params, meta = checkpoint.load_for_inference(path)
-  except checkpoint.CheckpointError as e:
-    raise EvaluateError(str(e).splitlines()[0]) from None
-  if not meta.get("architecture") or not meta.get("image_size"):
-    raise EvaluateError(
-      f"{path}: no metadata (model, image size, class names) beside it; use a "
-      "checkpoint written by vit_jax.train (a workdir, or params.npz + "
-      "params.json)"
-    )
-  if not meta.get("num_classes"):
-    raise EvaluateError(f"{path}: a feature extractor without a classification head")
-  return params, meta
+    return predict.load_classifier(path)
+  except predict.PredictError as e:
+    raise EvaluateError(str(e)) from None
 
 
 def _merge(config: ml_collections.ConfigDict, values: dict[str, Any], where: str) -> None:

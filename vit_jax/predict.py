@@ -80,6 +80,29 @@ def preprocess(image: np.ndarray, image_size: int, eval_resize: int = 0) -> np.n
 # Model.
 
 
+def load_classifier(path: str) -> tuple[Any, dict[str, Any]]:
+  """(params, metadata) of a classifier checkpoint: a training workdir, an exported `.npz` (with
+  its `.json`) or an orbax step folder; a PredictError naming the path otherwise."""
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(path):
+    raise PredictError(
+      f"{path}: no such checkpoint (expected an .npz, a training workdir or an orbax step folder)"
+    )
+  try:
+    params, meta = checkpoint.load_for_inference(path)
+  except checkpoint.CheckpointError as e:
+    raise PredictError(str(e).splitlines()[0]) from None
+  if not meta.get("architecture") or not meta.get("image_size"):
+    raise PredictError(
+      f"{path}: no metadata (model, image size, class names) beside it; "
+      "use a checkpoint exported by vit_jax.train (params.npz + params.json)"
+    )
+  if not meta.get("num_classes"):
+    raise PredictError(f"{path}: a feature extractor without a classification head")
+  return params, meta
+
+
 class Predictor:
   """A checkpoint ready to classify: `Predictor(path)(images) -> probabilities [N, classes]`."""
 
@@ -87,23 +110,9 @@ class Predictor:
     # Imported here so that `--help` and argument errors answer without loading JAX.
     import jax  # pylint: disable=g-import-not-at-top
 
-    from vit_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
+    from vit_jax import models  # pylint: disable=g-import-not-at-top
 
-    if not os.path.exists(path):
-      raise PredictError(
-        f"{path}: no such checkpoint (expected an .npz, a training workdir or an orbax step folder)"
-      )
-    try:
-      params, meta = checkpoint.load_for_inference(path)
-    except checkpoint.CheckpointError as e:
-      raise PredictError(str(e).splitlines()[0]) from None
-    if not meta.get("architecture") or not meta.get("image_size"):
-      raise PredictError(
-        f"{path}: no metadata (model, image size, class names) beside it; "
-        "use a checkpoint exported by vit_jax.train (params.npz + params.json)"
-      )
-    if not meta.get("num_classes"):
-      raise PredictError(f"{path}: a feature extractor without a classification head")
+    params, meta = load_classifier(path)
     self.image_size = int(meta["image_size"])
     self.class_names = list(
       meta.get("class_names") or [f"class_{i}" for i in range(meta["num_classes"])]
