@@ -158,4 +158,4 @@ stage convert convert
 
 # --- Summary ---------------------------------------------------------------------------------------
 "$PY" scripts/demo_tools.py summary "$WORKDIR" "$PRETRAINED" "$T0" "$QUICK"
-echo "== try it: $PY -m vit_jax.serve --checkpoint $WORKDIR/finetune   (then open http://127.0.0.1:8000/)"
+echo "== try it: $PY -m vit_jax.serve --checkpoint $WORKDIR/finetune --examples $WORKDIR/samples   (then open http://127.0.0.1:8000/)"

@@ -72,11 +72,29 @@ def _serve(*args: str, **kwargs) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def server(workdir):
+def examples(folder, tmp_path_factory):
+  """Sample photos for the page: one per colour, named after it."""
+  out = tmp_path_factory.mktemp("examples")
+  for colour in COLOURS:
+    shutil.copy(_photo(folder, colour, 3), out / f"{colour}.jpg")
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def server(workdir, examples):
   """(base URL, the /healthz status codes seen while it started)."""
   port = _free_port()
   proc = _serve(
-    "--checkpoint", workdir, "--port", str(port), "--max_batch", "8", "--max_upload_mb", "1"
+    "--checkpoint",
+    workdir,
+    "--port",
+    str(port),
+    "--max_batch",
+    "8",
+    "--max_upload_mb",
+    "1",
+    "--examples",
+    examples,
   )
   url, seen = f"http://127.0.0.1:{port}", []
   deadline = time.monotonic() + 240
@@ -184,6 +202,16 @@ def test_page_shows_the_class_of_an_uploaded_photo(server, folder, tmp_path):
     )
     kind = driver.find_element(By.ID, "attention_kind").text
     driver.save_screenshot(str(tmp_path / "recognizer.png"))
+    driver.find_element(By.CSS_SELECTOR, 'img.example[alt="blue.jpg"]').click()
+    WebDriverWait(driver, 30).until(
+      expected_conditions.text_to_be_present_in_element((By.ID, "status"), "blue.jpg")
+    )
+    WebDriverWait(driver, 30).until(
+      lambda d: (
+        d.find_elements(By.CSS_SELECTOR, "#results .label")
+        and d.find_elements(By.CSS_SELECTOR, "#results .label")[0].text == "blue"
+      )
+    )
   finally:
     driver.quit()
   assert labels[0] == "green" and sorted(labels) == COLOURS
@@ -207,6 +235,20 @@ def test_api_answers_in_upload_order_as_offline_predict(server, folder, workdir)
     np.testing.assert_allclose(
       [t["probability"] for t in g], [t["probability"] for t in w["top_k"]], atol=1e-5
     )
+
+
+def test_sample_photos_are_served_by_name_only(server, examples):
+  url = server[0]
+  assert requests.get(url + "/api/info", timeout=10).json()["examples"] == [
+    "blue.jpg",
+    "green.jpg",
+    "red.jpg",
+  ]
+  with open(os.path.join(examples, "red.jpg"), "rb") as f:
+    assert requests.get(url + "/examples/red.jpg", timeout=10).content == f.read()
+  for name in ("..%2F..%2Fetc%2Fpasswd", "missing.jpg"):
+    response = requests.get(f"{url}/examples/{name}", timeout=10)
+    assert response.status_code == 404 and b"root:" not in response.content
 
 
 def test_attention_api_overlays_the_rollout_on_the_photo(server, folder, workdir):

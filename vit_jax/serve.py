@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 MAX_FILES_PER_REQUEST = 64
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 def create_app(
@@ -36,9 +37,11 @@ def create_app(
   max_batch: int = 32,
   max_upload_mb: float = 10.0,
   warm: bool = True,
+  examples: Optional[str] = None,
 ) -> Any:
   """The FastAPI app serving `backend` (serve_backends.Backend). `warm=False` leaves warming
-  to `app.state.warm_up()` (the CLI runs it in a thread while /healthz answers 503)."""
+  to `app.state.warm_up()` (the CLI runs it in a thread while /healthz answers 503). `examples`:
+  a folder whose images the page offers as sample photos (listed once, at start)."""
   # Imported here so that `--help` and argument errors answer without loading the web stack.
   import fastapi  # pylint: disable=g-import-not-at-top
   from fastapi import responses  # pylint: disable=g-import-not-at-top
@@ -94,7 +97,21 @@ def create_app(
       "class_names": backend.class_names,
       "top_k": k,
       "attention": getattr(backend, "attention_kind", None),
+      "examples": sorted(example_files),
     }
+
+  # Sample photos by file name only: a request picks one of these names, never a path.
+  example_files = {}
+  if examples:
+    for name in sorted(os.listdir(examples)):
+      if name.lower().endswith(IMAGE_SUFFIXES):
+        example_files[name] = os.path.join(examples, name)
+
+  @app.get("/examples/{name}")
+  async def example(name: str):
+    if name not in example_files:
+      return error(404, f"no sample photo {name!r}")
+    return responses.FileResponse(example_files[name])
 
   def prepare(name: str, data: bytes) -> np.ndarray:
     return predict.preprocess(serve_uploads.decode(name, data), size)
@@ -189,7 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument(
     "--max_upload_mb", type=_positive(float), default=10.0, help="largest accepted file"
   )
+  parser.add_argument("--examples", default=None, help="folder of sample photos for the page")
   args = parser.parse_args(argv)
+  if args.examples and not os.path.isdir(args.examples):
+    print(f"error: --examples={args.examples}: no such folder", file=sys.stderr)
+    return 2
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     backend = serve_backends.load_backend(args.backend, args.checkpoint)
@@ -205,6 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     max_batch=args.max_batch,
     max_upload_mb=args.max_upload_mb,
     warm=False,
+    examples=args.examples,
   )
 
   def warm_and_announce() -> None:

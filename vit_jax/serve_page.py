@@ -3,7 +3,8 @@
 It reads /api/info (model name, classes), lets the user pick or drop a photo, shows it, posts it
 to /api/predict and draws the top-k classes as probability bars, then (JAX backend) shows the
 attention map from /api/attention. Element ids used by the tests: `file`, `drop`, `photo`,
-`status`, `results` (rows with `.label` and `.prob`), `model`, `classes`, `attention`.
+`status`, `results` (rows with `.label` and `.prob`), `model`, `classes`, `attention`,
+`examples` (one `img.example` per sample photo; a click classifies it).
 """
 
 PAGE = """<!doctype html>
@@ -14,6 +15,8 @@ PAGE = """<!doctype html>
 body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem;
        color: #222; }
 #drop { border: 2px dashed #888; border-radius: 8px; padding: 1.5rem; text-align: center; }
+.example { height: 4rem; margin: 0 .3rem .5rem 0; cursor: pointer; border: 1px solid #ccc;
+           image-rendering: pixelated; }
 #drop.over { background: #eef4ff; border-color: #36c; }
 #photo, #attention { max-width: 45%; max-height: 18rem; display: none; margin: 1rem .5rem;
                      vertical-align: top; image-rendering: pixelated; }
@@ -28,6 +31,7 @@ small { color: #666; }
 <body>
 <h1>ViT recognizer</h1>
 <p>Model <b id="model">…</b> <small id="classes"></small></p>
+<div id="examples"></div>
 <div id="drop">Drop a photo here or <input type="file" id="file" accept="image/*"></div>
 <div><img id="photo" alt="the uploaded photo"><img id="attention" alt="attention map"></div>
 <p><small id="attention_kind"></small></p>
@@ -39,6 +43,17 @@ let attentionKind = null;
 fetch("/api/info").then((r) => r.json()).then((info) => {
   attentionKind = info.attention;
   $("model").textContent = info.model_name;
+  for (const name of info.examples) {
+    const img = document.createElement("img");
+    img.className = "example";
+    img.src = "/examples/" + encodeURIComponent(name);
+    img.alt = img.title = name;
+    img.addEventListener("click", async () => {
+      const blob = await (await fetch(img.src)).blob();
+      classify(new File([blob], name, {type: blob.type}));
+    });
+    $("examples").appendChild(img);
+  }
   $("classes").textContent = info.class_names.length + " classes: " +
       info.class_names.join(", ");
 });
