@@ -96,6 +96,11 @@ def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     parser.error(
       f"--model_name {args.model_name}: unknown; known: {', '.join(models.MODEL_CONFIGS)}"
     )
+  if models.is_bit(preset):
+    parser.error(
+      f"--model_name {args.model_name}: a BiT ResNet; the analytic FLOP count (for the MFU) "
+      "and the timm twin cover plain ViTs only"
+    )
   if preset.get("resnet") is not None:
     parser.error(
       f"--model_name {args.model_name}: a ResNet+ViT hybrid; the analytic FLOP count "

@@ -1,4 +1,4 @@
-"""Writes `.npz` files with the exact key layout of the published Google ViT checkpoints.
+"""Writes `.npz` files with the exact key layout of the published Google ViT and BiT checkpoints.
 
 The key list is written out here from the published files' layout (flat "/"-joined pre-linen
 names such as Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel, attention kernels as
@@ -125,3 +125,37 @@ def hybrid_arrays(
     rng.standard_normal((patch, patch, cin, hidden)) / np.sqrt(patch * patch * cin)
   ).astype(f32)
   return {**a, **vit_arrays}
+
+
+def bit_arrays(
+  *, num_layers: tuple[int, ...], width: int, num_classes: int, seed: int = 2
+) -> dict[str, np.ndarray]:
+  """A BiT ResNetV2 file as published (BiT-M-R50x1.npz, ...): every key under `resnet/`, conv
+  kernels HWIO named `standardized_conv2d/kernel`, GroupNorm `gamma`/`beta` as (C,), the norm
+  under a conv's letter being the one applied before it, the shortcut projection under
+  `unit01/a/proj`, a final `group_norm` and a 1x1-conv `head/conv2d` with bias."""
+  rng = np.random.default_rng(seed)
+  f32 = np.float32
+  conv = lambda k, cin, cout: (
+    rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)
+  ).astype(f32)
+  gn = lambda prefix, c: {
+    f"{prefix}group_norm/gamma": (1 + 0.2 * rng.standard_normal(c)).astype(f32),
+    f"{prefix}group_norm/beta": (0.2 * rng.standard_normal(c)).astype(f32),
+  }
+  a = {"resnet/root_block/standardized_conv2d/kernel": conv(7, 3, width)}
+  cin = width
+  for s, units in enumerate(num_layers):
+    mid = width * 2**s
+    for u in range(units):
+      p = f"resnet/block{s + 1}/unit{u + 1:02d}/"
+      for letter, (k, ci, co) in zip("abc", ((1, cin, mid), (3, mid, mid), (1, mid, 4 * mid))):
+        a[f"{p}{letter}/standardized_conv2d/kernel"] = conv(k, ci, co)
+        a.update(gn(f"{p}{letter}/", ci))
+      if u == 0:
+        a[f"{p}a/proj/standardized_conv2d/kernel"] = conv(1, cin, 4 * mid)
+      cin = 4 * mid
+  a.update(gn("resnet/", cin))
+  a["resnet/head/conv2d/kernel"] = conv(1, cin, num_classes)
+  a["resnet/head/conv2d/bias"] = (0.3 * rng.standard_normal(num_classes)).astype(f32)
+  return a

@@ -47,7 +47,8 @@ GOLDEN = {
 
 
 def test_every_preset_has_a_golden_count():
-  assert set(models.MODEL_CONFIGS) == set(GOLDEN)
+  # The BiT ResNets' golden counts are in test_bit.py.
+  assert set(models.MODEL_CONFIGS) - set(models.BIT_CONFIGS) == set(GOLDEN)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))

@@ -7,6 +7,11 @@ untouched and pays nothing. Rollout: average the heads, add the identity (the re
 renormalise the rows, multiply through the layers. The map is the class token's row over the
 patch tokens; a GAP model has no class token, so its map is the rollout averaged over all tokens
 (`map_kind` says which).
+
+A BiT ResNet has no attention: `attention_maps` gives its class activation map instead (Zhou et
+al. 2016): the head applied at every position of the last feature map, for the top class. The
+model averages exactly these positions into its logit, so the map shows where that logit comes
+from.
 """
 
 import functools
@@ -16,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import models_vit, predict
+from vit_jax import models, models_bit, models_vit, predict
 
 
 def _is_query_or_key(module: Any, method_name: str) -> bool:
@@ -64,8 +69,10 @@ def rollout(weights: np.ndarray) -> np.ndarray:
   return joint
 
 
-def map_kind(model: models_vit.VisionTransformer) -> str:
-  """What `token_maps` shows, in words, for a figure title."""
+def map_kind(model: models.Model) -> str:
+  """What `attention_maps` shows, in words, for a figure title."""
+  if isinstance(model, models_bit.BiT):
+    return "class activation map of the top class (a CNN has no attention)"
   if model.classifier == "token":
     return "attention rollout from the class token"
   return "attention rollout averaged over tokens (GAP model: no class token)"
@@ -85,10 +92,32 @@ def token_maps(model: models_vit.VisionTransformer, joint: np.ndarray) -> np.nda
   return maps / maps.max(axis=(1, 2), keepdims=True)
 
 
-def attention_maps(
-  model: models_vit.VisionTransformer, params: Any, images: np.ndarray
-) -> np.ndarray:
-  """[batch, H, W, 3] model inputs -> [batch, H, W] rollout maps upsampled over the images."""
-  maps = token_maps(model, rollout(attention_weights(model, params, images)))
+@functools.partial(jax.jit, static_argnums=(0,))
+def _feature_map_and_logits(
+  model: models_bit.BiT, params: Any, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  logits, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
+  return state["intermediates"]["feature_map"][0].astype(jnp.float32), logits
+
+
+def class_activation_maps(model: models_bit.BiT, params: Any, images: np.ndarray) -> np.ndarray:
+  """[batch, h, w] raw class activation maps of a BiT for its top class: the head's kernel and
+  bias at every position of the final feature map, whose mean is the top logit."""
+  features, logits = _feature_map_and_logits(model, params, jnp.asarray(images, jnp.float32))
+  top = np.argmax(np.asarray(logits), axis=-1)
+  head = params["head"]["conv2d"]
+  kernel = np.asarray(head["kernel"], np.float32)[0, 0][:, top]  # [C, batch]
+  bias = np.asarray(head["bias"], np.float32)[top]
+  return np.einsum("bhwc,cb->bhw", np.asarray(features), kernel) + bias[:, None, None]
+
+
+def attention_maps(model: models.Model, params: Any, images: np.ndarray) -> np.ndarray:
+  """[batch, H, W, 3] model inputs -> [batch, H, W] maps in [0, 1] upsampled over the images:
+  a ViT's attention rollout, a BiT's class activation map (its positive part)."""
+  if isinstance(model, models_bit.BiT):
+    maps = np.maximum(class_activation_maps(model, params, images), 0)
+    maps = maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
+  else:
+    maps = token_maps(model, rollout(attention_weights(model, params, images)))
   height, width = images.shape[1:3]
   return np.stack([predict.resize_bilinear(m[..., None], height, width)[..., 0] for m in maps])

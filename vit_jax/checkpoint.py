@@ -1,9 +1,12 @@
-"""The original Google ViT `.npz` format: load, strict merge, position-embedding resize, save.
+"""The original Google ViT and BiT `.npz` formats: load, strict merge, position-embedding resize,
+save.
 
 A Google `.npz` is a flat `np.savez` archive of `/`-joined parameter paths with the pre-Linen
 numbering inside each encoder block (`MultiHeadDotProductAttention_1`, `LayerNorm_2`,
 `MlpBlock_3`). The model (models_vit.py) uses the Linen numbering, so loading and saving is the
-fixed rename `_PRE_LINEN` and its inverse. No TensorFlow here: conversion and serving import this.
+fixed rename `_PRE_LINEN` and its inverse. A BiT file (models_bit.py) has every key under
+`resnet/` and names GroupNorm's parameters `gamma`/`beta`; the model's tree is the same without
+the prefix, with Flax's `scale`/`bias`. No TensorFlow here: conversion and serving import this.
 """
 
 import json
@@ -36,6 +39,12 @@ _PREFIXES = ("params/", "opt/target/")
 # GroupNorm modules of the hybrid ResNet stem: published files store their scale and bias as
 # (1, 1, 1, C) (vision_transformer #156, flax #1721); the model's are (C,).
 _GROUPNORM = re.compile(r"(^|/)gn(_root|_proj|\d+)/(scale|bias)$")
+# BiT: the root convolution's kernel, in the model's tree (a file has it under `resnet/`).
+BIT_ROOT = "root_block/standardized_conv2d/kernel"
+_BIT_PREFIX = "resnet/"
+_BIT_GROUPNORM = re.compile(r"(^|/)group_norm/(gamma|beta|scale|bias)$")
+_TO_FLAX = {"gamma": "scale", "beta": "bias"}
+_TO_BIT = {v: k for k, v in _TO_FLAX.items()}
 
 
 class CheckpointError(ValueError):
@@ -53,6 +62,32 @@ def _rename_blocks(flat: dict[str, Any], table: Mapping[str, str]) -> dict[str, 
   return out
 
 
+def is_bit(flat: Mapping[str, Any]) -> bool:
+  """Whether flat `/`-joined parameters (the model's tree) are a BiT ResNet's."""
+  return BIT_ROOT in flat
+
+
+def _family(flat: Mapping[str, Any]) -> str:
+  return "BiT ResNet" if is_bit(flat) else "ViT"
+
+
+def _rename_groupnorm(flat: dict[str, Any], table: Mapping[str, str]) -> dict[str, Any]:
+  out = {}
+  for key, value in flat.items():
+    m = _BIT_GROUPNORM.search(key)
+    out[key[: m.start(2)] + table.get(m.group(2), m.group(2)) if m else key] = value
+  return out
+
+
+def _from_bit_file(flat: dict[str, Any], path: str) -> dict[str, Any]:
+  stray = sorted(k for k in flat if not k.startswith(_BIT_PREFIX))
+  if stray:
+    raise CheckpointError(
+      f"{path}: a BiT checkpoint with arrays outside {_BIT_PREFIX!r}: {stray[:5]}"
+    )
+  return _rename_groupnorm({k[len(_BIT_PREFIX) :]: v for k, v in flat.items()}, _TO_FLAX)
+
+
 def _to_float(key: str, arr: np.ndarray, path: str) -> np.ndarray:
   """float32 for every parameter; bfloat16 stored by np.savez comes back as 2-byte void."""
   if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
@@ -64,7 +99,8 @@ def _to_float(key: str, arr: np.ndarray, path: str) -> np.ndarray:
 
 def load_flat(path: str) -> dict[str, np.ndarray]:
   """Reads an `.npz` into {linen/path: float32 array}, checking that it is a ViT file (plain or
-  hybrid: the ResNet stem's GroupNorm parameters come back as (C,))."""
+  hybrid: the ResNet stem's GroupNorm parameters come back as (C,)) or a BiT file (its names
+  become the model's: see the module docstring)."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint file")
@@ -80,10 +116,12 @@ def load_flat(path: str) -> dict[str, np.ndarray]:
   for prefix in _PREFIXES:
     if flat and all(k.startswith(prefix) for k in flat):
       flat = {k[len(prefix) :]: v for k, v in flat.items()}
+  if _BIT_PREFIX + BIT_ROOT in flat:
+    return {k: _to_float(k, v, path) for k, v in _from_bit_file(flat, path).items()}
   if "embedding/kernel" not in flat:
     raise CheckpointError(
-      f"{path}: not a ViT checkpoint: no 'embedding/kernel' among its "
-      f"{len(flat)} arrays (first keys: {sorted(flat)[:5]})"
+      f"{path}: not a ViT checkpoint (nor a BiT one): no 'embedding/kernel' (nor "
+      f"'{_BIT_PREFIX + BIT_ROOT}') among its {len(flat)} arrays (first keys: {sorted(flat)[:5]})"
     )
   flat = {k: _to_float(k, v, path) for k, v in flat.items()}
   flat = {
@@ -157,7 +195,9 @@ def load_pretrained(
 ) -> dict[str, Any]:
   """Loads a pretrained `.npz` for fine-tuning into the shapes of `init_params`.
 
-  - the head always comes from `init_params` (any class count; the in21k heads are zeros);
+  - the head (`head/...`) always comes from `init_params` (any class count; the in21k heads are
+    zeros);
+  - a ViT file for a BiT model, or the reverse, is an error saying so;
   - `pre_logits` is dropped when the model has no representation layer ("drop-head variant"),
     kept when it has one;
   - the position embeddings are resampled to the model's grid, the class slot kept;
@@ -175,11 +215,18 @@ def load_pretrained(
     f"{sum(v.size for v in flat.values()):,}",
   )
 
+  if is_bit(flat) != is_bit(init):
+    raise CheckpointError(
+      f"{path}: a {_family(flat)} checkpoint, but the model is a {_family(init)}"
+      f"{' (' + model_config.model_name + ')' if getattr(model_config, 'model_name', None) else ''}"
+      ": pick the model_name the file was trained as"
+    )
   has_rep = getattr(model_config, "representation_size", None) is not None
   if not has_rep and any(k.startswith("pre_logits/") for k in flat):
     logging.info("load_pretrained: drop-head variant: dropping pre_logits from %s", path)
     flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
-  for key in ("head/kernel", "head/bias"):
+  # ViT: head/kernel, head/bias; BiT: head/conv2d/kernel, head/conv2d/bias.
+  for key in sorted({k for k in [*init, *flat] if k.startswith("head/")}):
     if key in init:
       old = flat.get(key)
       logging.info(
@@ -189,7 +236,7 @@ def load_pretrained(
         init[key].shape,
       )
       flat[key] = init[key]
-    elif key in flat:  # a feature extractor (num_classes=0) keeps no head
+    else:  # a feature extractor (num_classes=0) keeps no head
       logging.info("load_pretrained: dropping %s: the model has no head", key)
       del flat[key]
   inspect_params(
@@ -218,15 +265,20 @@ def load_pretrained(
 
 
 def save_npz(params: Params, path: str, *, metadata: Optional[Mapping[str, Any]] = None) -> None:
-  """Writes `params` in the original format (pre-Linen names, float32), atomically.
+  """Writes `params` in the original format (float32), atomically: a ViT's with pre-Linen names,
+  a BiT's under `resnet/` with `gamma`/`beta`.
 
-  The file loads with `load`, timm's `load_pretrained` and big_vision. `metadata` (e.g. class
-  names, model name, image size) goes to a JSON file beside it (`x.npz` -> `x.json`): the `.npz`
-  itself holds parameters only, so other readers find no unexpected keys.
+  The file loads with `load`, timm's `load_pretrained` (ViT) or `_load_weights` (BiT) and
+  big_vision. `metadata` (e.g. class names, model name, image size) goes to a JSON file beside it
+  (`x.npz` -> `x.json`): the `.npz` itself holds parameters only, so other readers find no
+  unexpected keys.
   """
   path = os.fspath(path)
   flat = {k: np.asarray(v, dtype=np.float32) for k, v in _flatten(params).items()}
-  flat = _rename_blocks(flat, _LINEN)
+  if is_bit(flat):
+    flat = {_BIT_PREFIX + k: v for k, v in _rename_groupnorm(flat, _TO_BIT).items()}
+  else:
+    flat = _rename_blocks(flat, _LINEN)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a tmp name

@@ -1,10 +1,11 @@
-"""Exports a Flax ViT (the original Google parameter tree) to timm, Hugging Face and ONNX.
+"""Exports a Flax ViT or BiT ResNet (the original Google trees) to timm, Hugging Face and ONNX.
 
 `convert()` reads a checkpoint, writes a folder for the chosen library (timm: `model.safetensors`
 + timm's hub `config.json`; hf: ViTConfig + safetensors + preprocessor config; onnx: the timm model
 traced by `torch.onnx.export`, its metadata in the file), loads it back and checks its outputs
 against the Flax model; the folder appears only when the check passes. What a format cannot hold
-(`pre_logits` in timm, a GAP or hybrid model in hf, ...) is an error, never different outputs.
+(`pre_logits` in timm, a GAP, hybrid or BiT model in hf, ...) is an error, never different
+outputs. A BiT exports as timm's ResNetV2 (`resnetv2_50x1_bit`, ...).
 How each export loads: checkpoints/README.md.
 
 Nothing here imports TensorFlow; torch, timm and transformers are imported when used.
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vit_jax import checkpoint, models, models_resnet
+from vit_jax import checkpoint, models, models_bit, models_resnet
 
 Flat = dict[str, np.ndarray]
 FORMATS = ("timm", "hf")  # the PyTorch libraries
@@ -39,6 +40,8 @@ CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 _MEAN_STD = [0.5, 0.5, 0.5]  # the checkpoints' (x - 127.5) / 127.5 input scaling
+# A BiT file does not say its resolution (a CNN takes any); BiT's upstream one unless told.
+BIT_IMAGE_SIZE = 224
 
 
 class ConversionError(checkpoint.CheckpointError):
@@ -98,12 +101,14 @@ def _infer_metadata(flat: Flat, path: str, model_name: Optional[str]) -> dict[st
     raise checkpoint.CheckpointError(
       f"{path}: unknown --model_name {model_name!r}; known: {', '.join(models.MODEL_CONFIGS)}"
     )
-  rep, head = flat.get("pre_logits/kernel"), flat.get("head/kernel")
+  rep = flat.get("pre_logits/kernel")
+  head = flat.get("head/conv2d/kernel" if checkpoint.is_bit(flat) else "head/kernel")
   model = models.get_model(model_name, num_classes=0 if head is None else int(head.shape[-1]))
-  # The file decides the representation layer; gelu as the Google checkpoints were trained.
-  model = model.clone(
-    representation_size=None if rep is None else int(rep.shape[-1]), gelu_approximate=True
-  )
+  if not models.is_bit(model):
+    # The file decides the representation layer; gelu as the Google checkpoints were trained.
+    model = model.clone(
+      representation_size=None if rep is None else int(rep.shape[-1]), gelu_approximate=True
+    )
   return models.model_metadata(model, image_size=None)  # the resolution: from the file, later
 
 
@@ -148,12 +153,15 @@ def resolve_metadata(
   """Completes and validates the metadata of a checkpoint (see models.model_metadata).
 
   Without metadata, `model_name` is required; the image size then follows from the position
-  embedding grid, the class count from the head, the representation layer from `pre_logits`.
-  Missing class names become `LABEL_i` (with a warning). Raises CheckpointError on mismatches.
+  embedding grid (a BiT's is `image_size` or BIT_IMAGE_SIZE), the class count from the head, the
+  representation layer from `pre_logits`. Missing class names become `LABEL_i` (with a warning).
+  Raises CheckpointError on mismatches.
   """
-  if "embedding/kernel" not in flat or _POSEMB not in flat:
+  bit = checkpoint.is_bit(flat)
+  if not bit and ("embedding/kernel" not in flat or _POSEMB not in flat):
     raise checkpoint.CheckpointError(
-      f"{path}: not a ViT checkpoint (no embedding/kernel or {_POSEMB})"
+      f"{path}: not a ViT checkpoint (no embedding/kernel or {_POSEMB}) nor a BiT one "
+      f"(no {checkpoint.BIT_ROOT})"
     )
   if metadata:
     meta = json.loads(json.dumps(dict(metadata)))  # a deep copy
@@ -166,6 +174,15 @@ def resolve_metadata(
   else:
     meta = _infer_metadata(flat, path, model_name)
   arch = meta["architecture"]
+  if models.is_bit(arch) != bit:
+    family = lambda is_bit: "BiT ResNet" if is_bit else "ViT"
+    raise checkpoint.CheckpointError(
+      f"{path}: a {family(bit)} checkpoint, but the model {meta.get('model_name')!r} is a "
+      f"{family(models.is_bit(arch))}: wrong --model_name?"
+    )
+  if bit:
+    meta["image_size"] = int(image_size or meta.get("image_size") or BIT_IMAGE_SIZE)
+    return _complete(flat, meta, path)
   if any(k.startswith("conv_root/") for k in flat) != bool(arch.get("resnet")):
     raise checkpoint.CheckpointError(
       f"{path}: {'a' if arch.get('resnet') else 'no'} ResNet stem in the model "
@@ -187,6 +204,11 @@ def resolve_metadata(
       f"(image size {grid * pixels}); export at the trained resolution"
     )
   meta["image_size"] = int(size)
+  return _complete(flat, meta, path)
+
+
+def _complete(flat: Flat, meta: dict[str, Any], path: str) -> dict[str, Any]:
+  """Checks the shapes against the model `meta` describes and fills in the class names."""
   _check_shapes(flat, meta, path)
   num_classes = meta["num_classes"] or 0
   names = meta.get("class_names")
@@ -249,7 +271,10 @@ def _block(i: int) -> str:
 
 
 def timm_state_dict(flat: Flat, meta: Mapping[str, Any], path: str = "<params>") -> Flat:
-  """timm `VisionTransformer` state dict (numpy) for a model `timm_model_args(meta)` builds."""
+  """timm `VisionTransformer` state dict (numpy) for a model `timm_model_args(meta)` builds; for
+  a BiT, timm `ResNetV2`'s (`timm_bit_model`)."""
+  if models.is_bit(meta["architecture"]):
+    return _timm_bit_state_dict(_Params(flat, path), meta["architecture"], meta["num_classes"])
   if meta["architecture"]["representation_size"] is not None:
     raise ConversionError(
       f"{path}: has a representation layer (pre_logits, tanh before the head) that timm 1.x "
@@ -318,6 +343,83 @@ def _timm_backbone(p: _Params, resnet: Optional[Mapping[str, Any]]) -> Flat:
         sd[f"{dst}downsample.norm.weight"] = p(f"{src}gn_proj/scale")
         sd[f"{dst}downsample.norm.bias"] = p(f"{src}gn_proj/bias")
   return sd
+
+
+def _timm_bit_state_dict(p: _Params, arch: Mapping[str, Any], num_classes: int) -> Flat:
+  """A BiT's parameters by timm ResNetV2's names (as timm's `_load_weights` maps the files)."""
+  sd = {"stem.conv.weight": _conv(p("root_block/standardized_conv2d/kernel"))}
+  for s, units in enumerate(arch["resnet"]["num_layers"]):
+    for u in range(units):
+      src, dst = f"block{s + 1}/unit{u + 1:02d}/", f"stages.{s}.blocks.{u}."
+      for r, letter in enumerate("abc", 1):
+        sd[f"{dst}conv{r}.weight"] = _conv(p(f"{src}{letter}/standardized_conv2d/kernel"))
+        sd[f"{dst}norm{r}.weight"] = p(f"{src}{letter}/group_norm/scale")
+        sd[f"{dst}norm{r}.bias"] = p(f"{src}{letter}/group_norm/bias")
+      if u == 0:
+        sd[f"{dst}downsample.conv.weight"] = _conv(p(f"{src}a/proj/standardized_conv2d/kernel"))
+  sd["norm.weight"], sd["norm.bias"] = p("group_norm/scale"), p("group_norm/bias")
+  if num_classes:
+    sd["head.fc.weight"] = _conv(p("head/conv2d/kernel"))
+    sd["head.fc.bias"] = p("head/conv2d/bias")
+  p.check_all_used()
+  return sd
+
+
+# timm's registered BiT models, by (stage depths, width factor).
+_TIMM_BITS = {
+  (models_bit.DEPTHS[depth], float(width)): f"resnetv2_{depth}x{width}_bit"
+  for depth, width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+}
+
+
+def timm_bit_model(resnet: Mapping[str, Any], num_classes: int) -> "torch.nn.Module":  # noqa: F821
+  """timm's ResNetV2 for the BiT `resnet` ({num_layers, width_factor}), built as timm builds its
+  `resnetv2_*_bit` models (fixed padding, StdConv2d) but with the original's standardisation
+  epsilon (1e-10, not timm's 1e-8): kernels whose variance nears 1e-8 would otherwise differ."""
+  check_import_order()
+  from timm.layers import StdConv2d  # pylint: disable=g-import-not-at-top
+  from timm.models import resnetv2  # pylint: disable=g-import-not-at-top
+
+  cfg = models_resnet.resnet_config(resnet)
+  return resnetv2.ResNetV2(
+    layers=list(cfg.num_layers),
+    num_classes=num_classes,
+    width_factor=cfg.width_factor,
+    stem_type="fixed",
+    conv_layer=functools.partial(StdConv2d, eps=models_bit.WS_EPS),
+  )
+
+
+def _timm_bit_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """config.json for a BiT: a registered architecture also loads with `timm.create_model` (with
+  timm's epsilon, see timm_bit_model); any other (BiT-tiny, changed depths) is labelled as the
+  closest and loads with `load_timm` only."""
+  cfg = models_resnet.resnet_config(meta["architecture"]["resnet"])
+  num_classes, size = meta["num_classes"] or 0, meta["image_size"]
+  features = cfg.width * (4 * 2 ** (len(cfg.num_layers) - 1) if cfg.num_layers else 1)
+  return dict(
+    architecture=_TIMM_BITS.get((cfg.num_layers, cfg.width_factor), "resnetv2_50x1_bit"),
+    num_classes=num_classes,
+    num_features=features,
+    global_pool="avg",
+    model_args=dict(num_classes=num_classes),
+    pretrained_cfg=dict(
+      custom_load=False,
+      input_size=[3, size, size],
+      fixed_input_size=False,
+      interpolation="bilinear",
+      crop_pct=1.0,
+      crop_mode="center",
+      mean=_MEAN_STD,
+      std=_MEAN_STD,
+      num_classes=num_classes,
+      pool_size=None,
+      first_conv="stem.conv",
+      classifier="head.fc",
+    ),
+    label_names=meta["class_names"] or [],
+    vit_jax=dict(model_name=meta.get("model_name"), architecture=meta["architecture"]),
+  )
 
 
 def timm_backbone(resnet: Mapping[str, Any]) -> "torch.nn.Module":  # noqa: F821
@@ -436,6 +538,8 @@ def timm_model_args(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def timm_config(meta: Mapping[str, Any]) -> dict[str, Any]:
   """config.json in timm's hub layout (what timm's save_for_hf writes)."""
+  if models.is_bit(meta["architecture"]):
+    return _timm_bit_config(meta)
   args = timm_model_args(meta)
   size = meta["image_size"]
   return dict(
@@ -469,6 +573,11 @@ def timm_config(meta: Mapping[str, Any]) -> dict[str, Any]:
 def _hf_outputs(flat: Flat, meta: Mapping[str, Any], path: str) -> str:
   """'logits' (ViTForImageClassification) or 'features' (ViTModel with the pre_logits pooler)."""
   arch = meta["architecture"]
+  if models.is_bit(arch):
+    raise ConversionError(
+      f"{path}: a BiT ResNet: --format hf exports ViTs only (not transformers' "
+      "BitForImageClassification); use --format timm or onnx"
+    )
   if arch.get("resnet"):
     raise ConversionError(
       f"{path}: a ResNet+ViT hybrid: transformers {_transformers_version()} has no ViT with a "
@@ -649,7 +758,8 @@ def export_hf(flat: Flat, meta: Mapping[str, Any], output_dir: str, path: str = 
 
 
 def load_timm(model_dir: str) -> "torch.nn.Module":  # noqa: F821
-  """The timm `VisionTransformer` in `model_dir`, loaded strictly, in eval mode."""
+  """The timm `VisionTransformer` (a BiT: `ResNetV2`) in `model_dir`, loaded strictly, in eval
+  mode."""
   check_import_order()
   import safetensors.torch  # pylint: disable=g-import-not-at-top
   from timm.models import vision_transformer as timm_vit  # pylint: disable=g-import-not-at-top
@@ -657,14 +767,18 @@ def load_timm(model_dir: str) -> "torch.nn.Module":  # noqa: F821
   with open(os.path.join(model_dir, CONFIG_FILE)) as f:
     config = json.load(f)
   args = dict(config["model_args"])
-  resnet = config.get("vit_jax", {}).get("architecture", {}).get("resnet")
-  if resnet:  # a hybrid: the stem is a module, not a JSON argument (see timm_config)
-    from timm.models import vision_transformer_hybrid  # pylint: disable=g-import-not-at-top
+  arch = config.get("vit_jax", {}).get("architecture", {})
+  resnet = arch.get("resnet")
+  if models.is_bit(arch):
+    model = timm_bit_model(resnet, args["num_classes"])
+  else:
+    if resnet:  # a hybrid: the stem is a module, not a JSON argument (see timm_config)
+      from timm.models import vision_transformer_hybrid  # pylint: disable=g-import-not-at-top
 
-    args["embed_layer"] = functools.partial(
-      vision_transformer_hybrid.HybridEmbed, backbone=timm_backbone(resnet)
-    )
-  model = timm_vit.VisionTransformer(**args)
+      args["embed_layer"] = functools.partial(
+        vision_transformer_hybrid.HybridEmbed, backbone=timm_backbone(resnet)
+      )
+    model = timm_vit.VisionTransformer(**args)
   model.load_state_dict(
     safetensors.torch.load_file(os.path.join(model_dir, WEIGHTS_FILE)), strict=True
   )

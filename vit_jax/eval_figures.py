@@ -238,15 +238,17 @@ def attention_overlays(
   title: str,
   path: str,
 ) -> Optional[str]:
-  """Each image beside the same image under its attention map (`images` in [0, 1])."""
+  """Each image beside the same image under its attention map (`images` in [0, 1]); `title`
+  (attention.map_kind) says what the maps are: a CNN's are class activation maps."""
   if not len(images):
     return None
+  label = "attention" if "attention" in title else "activation"
   fig, axes = _image_grid(2 * len(images), 4, 2.5)
   for i, (image, heat, caption) in enumerate(zip(images, maps, captions)):
     axes[2 * i].imshow(image)
     axes[2 * i].set_title(caption, fontsize=8)
     axes[2 * i + 1].imshow(image)
     axes[2 * i + 1].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    axes[2 * i + 1].set_title("attention", fontsize=8)
+    axes[2 * i + 1].set_title(label, fontsize=8)
   fig.suptitle(title[0].upper() + title[1:])
   return _save(fig, path)

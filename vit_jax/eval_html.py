@@ -23,7 +23,7 @@ FIGURES = {
   "reliability_diagram": "Calibration",
   "training_curves": "Training curves",
   "mistakes": "Most confident mistakes",
-  "attention": "Attention maps",
+  "attention": "Attention or class activation maps",
 }
 
 

@@ -1,11 +1,17 @@
-"""Model presets by the names of the original checkpoints, and `get_model`."""
+"""Model presets by the names of the original checkpoints, and `get_model`.
 
-from typing import Any, Mapping, Optional, Sequence
+Two families: the ViTs (and ResNet+ViT hybrids) of models_vit.py, and the BiT ResNetV2 CNNs of
+models_bit.py, the ViT paper's baseline. Both take NHWC images in [-1, 1] and return logits.
+"""
+
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from vit_jax import models_resnet, models_vit
+from vit_jax import models_bit, models_resnet, models_vit
+
+Model = Union[models_vit.VisionTransformer, models_bit.BiT]
 
 
 def _vit(
@@ -63,6 +69,24 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
   # is 16 tokens.
   "R+ViT-tiny_8": _vit(2, 64, 256, 4, 4, resnet=((), 0.5)),
 }
+
+
+def _bit(num_layers: tuple[int, ...], width_factor: float) -> dict[str, Any]:
+  return dict(family="bit", resnet=models_resnet.ResNetConfig(num_layers, width_factor))
+
+
+# BiT (Kolesnikov et al. 2020): BiT-M is pretrained on ImageNet-21k (21,843-class head), BiT-S on
+# ImageNet-1k (1,000); the architectures are the same.
+BIT_CONFIGS: dict[str, dict[str, Any]] = {
+  f"BiT-{data}-R{depth}x{width}": _bit(models_bit.DEPTHS[depth], width)
+  for data in ("M", "S")
+  for depth, width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+}
+# For a CNN-vs-ViT comparison at R+ViT-tiny_8's size on 32 px Fashion-MNIST: two stages of two
+# units at half width (32 root channels): 207,523 parameters with 3 classes.
+BIT_CONFIGS["BiT-tiny"] = _bit((2, 2), 0.5)
+MODEL_CONFIGS.update(BIT_CONFIGS)
+
 _FIELDS = frozenset(
   f for f in models_vit.VisionTransformer.__dataclass_fields__ if f not in ("parent", "name")
 )
@@ -80,26 +104,59 @@ def cotangent_boundaries_default(platform: Optional[str] = None) -> bool:
   return (platform or jax.default_backend()) == "cpu"
 
 
-def get_model(name: str, num_classes: int | None, **overrides: Any) -> models_vit.VisionTransformer:
+def pretrained_url(name: str) -> str:
+  """Where the original checkpoint `{name}.npz` of a preset is published (ImageNet-21k for the
+  ViTs and BiT-M, ImageNet-1k for BiT-S)."""
+  if name in BIT_CONFIGS:
+    return f"https://storage.googleapis.com/bit_models/{name}.npz"
+  return f"https://storage.googleapis.com/vit_models/imagenet21k/{name}.npz"
+
+
+def is_bit(model_or_architecture: Any) -> bool:
+  """Whether a model, or the `architecture` of its metadata (model_metadata), is a BiT CNN."""
+  if isinstance(model_or_architecture, Mapping):
+    return model_or_architecture.get("family") == "bit"
+  return isinstance(model_or_architecture, models_bit.BiT)
+
+
+# ViT fields the shared config passes to every model (configs/common.py): a BiT accepts them at
+# these values, which switch them off, and refuses any other.
+_VIT_ONLY_DEFAULTS = dict(
+  dropout_rate=0.0,
+  attention_dropout_rate=0.0,
+  stochastic_depth=0.0,
+  remat=False,
+  remat_policy="nothing_saveable",
+  recompute_gelu=False,
+  attention_impl="",
+  cotangent_boundaries=False,
+)
+_BIT_FIELDS = frozenset(("dtype", "param_dtype", "resnet"))
+
+
+def get_model(name: str, num_classes: int | None, **overrides: Any) -> Model:
   """Returns the preset `name` with `num_classes` outputs; `overrides` replace preset fields.
 
   `overrides` may be a config's `model` block as it is (`**config.model`): a None value keeps the
   preset's field; `dtype` may be a name ("bfloat16"); `attention_impl` "" is XLA's attention;
   `resnet` may be a mapping whose None entries keep the preset stem's; `cotangent_boundaries` None
-  is `cotangent_boundaries_default()`, resolved here, once. Raises ValueError naming a bad field.
+  is `cotangent_boundaries_default()`, resolved here, once. A BiT preset takes `dtype`,
+  `param_dtype` and `resnet` (its stage depths and width). Raises ValueError naming a bad field.
   """
   if name not in MODEL_CONFIGS:
     raise ValueError(f"Unknown model_name {name!r}; known: {', '.join(MODEL_CONFIGS)}")
   overrides = {k: v for k, v in overrides.items() if v is not None}
+  if isinstance(overrides.get("dtype"), str):
+    if overrides["dtype"] not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {overrides['dtype']!r}")
+    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  if name in BIT_CONFIGS:
+    return _get_bit(name, num_classes, overrides)
   unknown = set(overrides) - _FIELDS
   if unknown:
     raise ValueError(
       f"Unknown model field(s) {sorted(unknown)} for {name}; known: {sorted(_FIELDS)}"
     )
-  if isinstance(overrides.get("dtype"), str):
-    if overrides["dtype"] not in DTYPES:
-      raise ValueError(f"dtype must be one of {DTYPES}, got {overrides['dtype']!r}")
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
   if "attention_impl" in overrides:
     if overrides["attention_impl"] not in ATTENTION_IMPLS:
       raise ValueError(
@@ -117,6 +174,24 @@ def get_model(name: str, num_classes: int | None, **overrides: Any) -> models_vi
   if kwargs.get("cotangent_boundaries") is None:
     kwargs["cotangent_boundaries"] = cotangent_boundaries_default()
   return models_vit.VisionTransformer(num_classes=num_classes, model_name=name, **kwargs)
+
+
+def _get_bit(name: str, num_classes: Optional[int], overrides: dict[str, Any]) -> models_bit.BiT:
+  bad = sorted(
+    k
+    for k, v in overrides.items()
+    if k not in _BIT_FIELDS and not (k in _VIT_ONLY_DEFAULTS and v == _VIT_ONLY_DEFAULTS[k])
+  )
+  if bad:
+    raise ValueError(
+      f"{bad[0]}={overrides[bad[0]]!r}: {name} is a BiT ResNet, which has no such field "
+      f"(ViT-only); it takes {', '.join(sorted(_BIT_FIELDS))}"
+    )
+  resnet = BIT_CONFIGS[name]["resnet"]
+  if "resnet" in overrides:
+    resnet = _merge_resnet(resnet, overrides["resnet"])
+  kwargs = {k: overrides[k] for k in ("dtype", "param_dtype") if k in overrides}
+  return models_bit.BiT(num_classes=num_classes, resnet=resnet, model_name=name, **kwargs)
 
 
 def _merge_resnet(
@@ -149,7 +224,7 @@ _ARCH_FIELDS = (
 
 
 def model_metadata(
-  model: models_vit.VisionTransformer,
+  model: Model,
   *,
   image_size: Optional[int],
   class_names: Optional[Sequence[str]] = None,
@@ -160,18 +235,28 @@ def model_metadata(
     num_classes=model.num_classes or 0,
     image_size=None if image_size is None else int(image_size),
     class_names=list(class_names) if class_names is not None else None,
-    architecture={f: _json_field(getattr(model, f)) for f in _ARCH_FIELDS},
+    architecture=_architecture(model),
   )
+
+
+def _architecture(model: Model) -> dict[str, Any]:
+  if is_bit(model):
+    return dict(family="bit", resnet=models_resnet.resnet_config(model.resnet).to_dict())
+  return {f: _json_field(getattr(model, f)) for f in _ARCH_FIELDS}
 
 
 def _json_field(value: Any) -> Any:
   return value.to_dict() if isinstance(value, models_resnet.ResNetConfig) else value
 
 
-def model_from_metadata(meta: Mapping[str, Any], **overrides: Any) -> models_vit.VisionTransformer:
+def model_from_metadata(meta: Mapping[str, Any], **overrides: Any) -> Model:
   """Rebuilds the model described by `model_metadata` (inference settings: no dropout)."""
   arch = dict(meta["architecture"])
   arch["resnet"] = models_resnet.resnet_config(arch.get("resnet"))  # absent in older exports
+  if arch.pop("family", "vit") == "bit":
+    return models_bit.BiT(
+      num_classes=meta["num_classes"], model_name=meta.get("model_name"), **{**arch, **overrides}
+    )
   return models_vit.VisionTransformer(
     num_classes=meta["num_classes"], model_name=meta.get("model_name"), **{**arch, **overrides}
   )

@@ -89,10 +89,14 @@ def weight_standardize(w: Array, axis: Sequence[int], eps: float) -> Array:
 class StdConv(nn.Conv):
   """Convolution with weight standardisation (the stored kernel is the raw one)."""
 
+  def standardize(self, kernel: Array) -> Array:
+    """The hybrids' standardisation (google-research/vision_transformer); BiT overrides it."""
+    return weight_standardize(kernel, axis=[0, 1, 2], eps=1e-5)
+
   def param(self, name: str, init_fn: Any, *init_args: Any, **kwargs: Any) -> Any:
     param = super().param(name, init_fn, *init_args, **kwargs)
     if name == "kernel":
-      param = weight_standardize(param, axis=[0, 1, 2], eps=1e-5)
+      param = self.standardize(param)
     return param
 
 

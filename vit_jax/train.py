@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from vit_jax import (
   checkpoint,
+  fewshot,
   input_pipeline,
   metrics,
   models,
@@ -108,14 +109,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"config.best_metric must be '' (off) or one of {', '.join(BEST_MODES)}, got "
     f"{config.best_metric!r}",
   )
+  if config.fewshot.datasets:
+    shots = tuple(config.fewshot.shots)
+    need(
+      bool(shots) and all(isinstance(k, int) and k > 0 for k in shots),
+      f"config.fewshot.shots must be positive integers, got {shots}",
+    )
+    need(
+      config.fewshot.seeds > 0, f"config.fewshot.seeds must be positive, got {config.fewshot.seeds}"
+    )
+    need(
+      config.fewshot.every >= 0, f"config.fewshot.every must be >= 0, got {config.fewshot.every}"
+    )
   try:
     model = models.get_model(config.model_name, 1, **config.model)
   except ValueError as e:
     raise ConfigError(f"config.model.{e}") from None
   # A hybrid cuts its patches from the stem's feature map: pixels per token = patch * stride.
+  # A CNN (BiT) takes any size.
   patch = model.patch_size * models_resnet.stem_stride(model.resnet)
   need(
-    config.pp.crop % patch == 0,
+    models.is_bit(model) or config.pp.crop % patch == 0,
     f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s "
     f"{'patch size' if model.resnet is None else 'pixels per token (patch x ResNet stride)'} "
     f"{patch}",
@@ -129,9 +143,9 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   path = config.pretrained_path or os.path.join(config.pretrained_dir, f"{config.model_name}.npz")
   if not os.path.exists(path):
     raise ConfigError(
-      f"pretrained checkpoint {path} not found. Download the original ImageNet-21k file:\n"
-      f"  wget -P {config.pretrained_dir} https://storage.googleapis.com/vit_models/imagenet21k/"
-      f"{config.model_name}.npz\n(see checkpoints/README.md), set --config.pretrained_path, or "
+      f"pretrained checkpoint {path} not found. Download the original file:\n"
+      f"  wget -P {config.pretrained_dir} {models.pretrained_url(config.model_name)}\n"
+      f"(see checkpoints/README.md), set --config.pretrained_path, or "
       f"train from random weights with --config.from_scratch=True"
     )
   return path
@@ -391,6 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = par.eval_step(steps.make_eval_step(model, info.num_classes, axis_name=par.axis_name))
   run_state = par.enter(state)
   del state
+  fewshot_eval = fewshot.Evaluator(config) if config.fewshot.datasets else None
 
   # 5. The loop: report, checkpoint, evaluate at their cadences; stop on SIGTERM or NaN.
   pending = _PendingMetrics(par.fetch, mngr)
@@ -446,6 +461,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               metrics={config.best_metric: summary[config.best_metric]},
               force=True,
             )
+      every = config.fewshot.every
+      if (
+        fewshot_eval and ((every and step % every == 0) or step == config.total_steps) and not stop
+      ):
+        with progress.paused():
+          scalars = fewshot_eval(sharding.to_host(par.canonical(run_state)["params"]))
+        logging.info(
+          "step %d: few-shot %s",
+          step,
+          ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if not k.endswith("_std")),
+        )
+        writer.write(step, scalars)
+        summary["fewshot"] = scalars
       if stop:
         summary["preempted"] = True
         logging.warning(
