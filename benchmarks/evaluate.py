@@ -1,7 +1,10 @@
 r"""Evaluation throughput (images/s) of `vit_jax.evaluation.predict_split`; prints one JSON line.
 
   python -m benchmarks.evaluate [--model_name ViT-B_16] [--image_size 224] [--num_images 96] \
-      [--batch 32] [--passes 3]
+      [--batch 32] [--passes 3] [--features]
+
+`--features` times the few-shot evaluator's feature extraction instead (`vit_jax.fewshot`: the
+model without its head, the pre-logits of every image through the same `forward.apply_split`).
 
 What is timed is what `python -m vit_jax.evaluate` spends on its predictions: photo-like JPEGs
 (500x375, as `benchmarks.input` writes them) read, decoded, resized and normalised by the eval
@@ -26,7 +29,7 @@ import numpy as np
 from benchmarks import harness
 from benchmarks import input as input_bench
 from configs import common
-from vit_jax import data_sources, evaluation, models
+from vit_jax import data_sources, evaluation, fewshot, models
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--num_classes", type=int, default=10)
   parser.add_argument("--num_images", type=int, default=96, help="images in the evaluated split")
   parser.add_argument("--batch", type=int, default=32, help="config.batch_eval")
+  parser.add_argument(
+    "--features", action="store_true", help="few-shot feature extraction (no head) instead"
+  )
   parser.add_argument(
     "--passes",
     type=int,
@@ -70,17 +76,22 @@ def measure(args: argparse.Namespace, root: pathlib.Path) -> dict[str, Any]:
   config.pp.crop = args.image_size
   config.batch_eval = args.batch
   info = data_sources.get_dataset_info(config)
-  model = models.get_model(args.model_name, args.num_classes)
+  model = models.get_model(args.model_name, None if args.features else args.num_classes)
   params = random_params(model, args.image_size)
+  if args.features:
+    extract = fewshot.FeatureExtractor(config)
+    run = lambda: extract.split(model, params, "test")
+  else:
+    run = lambda: evaluation.predict_split(config, info, model, params)
   seconds = []
   for _ in range(args.passes):
     start = time.perf_counter()
-    out = evaluation.predict_split(config, info, model, params)
+    out = run()
     seconds.append(time.perf_counter() - start)
-  assert len(out["labels"]) == args.num_images
+  assert len(out[1] if args.features else out["labels"]) == args.num_images
   median = statistics.median(seconds[1:])
   return dict(
-    benchmark="evaluate",
+    benchmark="fewshot_features" if args.features else "evaluate",
     model_name=args.model_name,
     image_size=args.image_size,
     batch=args.batch,

@@ -142,6 +142,14 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoints_best/ (beside the latest ones) and export it as best_params.npz; "": off
   config.best_metric = ""
   config.report = False  # (ours) write the evaluation report (vit_jax.evaluate) to WORKDIR/report
+  # (ours) few-shot linear evaluation of the features (vit_jax.fewshot), as big_vision runs it
+  # during pretraining: on each dataset (a DATASET_PRESETS name or an image folder) at the
+  # training resolution, `shots` examples per class, `seeds` samples; every `every` steps and
+  # at the end (0: at the end only). Written to metrics.jsonl and TensorBoard as
+  # fewshot_{dataset}_{shots}shot (mean accuracy over seeds) and ..._std.
+  config.fewshot = ml_collections.ConfigDict(
+    dict(datasets=(), shots=(1, 5, 10, 25), seeds=5, every=0)
+  )
   return config
 
 
@@ -156,4 +164,18 @@ def with_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections
   config.pp.train = preset["train"]
   config.pp.test = preset["test"]
   config.classes = tuple(preset.get("classes", ()))
+  return config
+
+
+def with_dataset_or_folder(
+  config: ml_collections.ConfigDict, dataset: str
+) -> ml_collections.ConfigDict:
+  """A preset of DATASET_PRESETS (with_dataset), or else an image folder with its train and
+  test splits and all its classes; the resolution is kept. In place; returns `config`."""
+  crop = config.pp.crop
+  if dataset in DATASET_PRESETS:
+    with_dataset(config, dataset)
+  else:
+    config.dataset, config.classes, config.pp.train, config.pp.test = dataset, (), "train", "test"
+  config.pp.crop = crop
   return config

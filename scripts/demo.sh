@@ -9,6 +9,8 @@
 #                same load_pretrained path as ViT-B_16.npz (pre_logits dropped, head reset,
 #                position embeddings resized);
 #   3. scratch   the same fine-tuning from random weights, same budget (--config.from_scratch=True);
+#      fewshot   linear few-shot evaluation (python -m vit_jax.fewshot) on the footwear classes of
+#                the frozen pretrained features and of a random initialisation of the same model;
 #   4. predict   on 6 held-out test images written as PNG files (python -m vit_jax.predict);
 #   5. convert   the fine-tuned model to timm (PyTorch; scripts/convert_to_pytorch.py). The demo's
 #                model has a ResNet stem, which Hugging Face transformers 5 cannot hold.
@@ -69,11 +71,12 @@ elif [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] &&
     exit 2
   fi
 fi
-QUICK_ARGS=()
+QUICK_ARGS=() QUICK_FEWSHOT=()
 if [ "$QUICK" = 1 ]; then
   QUICK_ARGS=(--config.total_steps=8 --config.warmup_steps=2 --config.eval_every=8
               --config.checkpoint_every=8 --config.progress_every=4 --config.batch=32
               --config.batch_eval=256)
+  QUICK_FEWSHOT=(--seeds 2 --config.batch_eval=256)
 fi
 mkdir -p "$WORKDIR"
 
@@ -136,8 +139,19 @@ scratch() {
       --config.from_scratch=True \
       ${FMNIST_ARGS[@]+"${FMNIST_ARGS[@]}"} ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
 }
+fewshot() {
+  local start flag
+  for start in pretrained random; do
+    flag=$([ "$start" = random ] && echo --from_scratch || true)
+    run "$PY" -m vit_jax.fewshot --checkpoint "$PRETRAINED" --dataset fashion_mnist_shoes $flag \
+        --json ${FMNIST_ARGS[@]+"${FMNIST_ARGS[@]}"} ${QUICK_FEWSHOT[@]+"${QUICK_FEWSHOT[@]}"} \
+        > "$WORKDIR/fewshot/$start.json"
+  done
+  "$PY" scripts/demo_tools.py fewshot "$WORKDIR/fewshot" | tee "$WORKDIR/fewshot/table.txt"
+}
 stage finetune finetune
 stage scratch scratch
+stage fewshot fewshot
 
 # --- 4. Predict on held-out test images, written as PNG files ---------------------------------------
 predict() {

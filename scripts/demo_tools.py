@@ -3,10 +3,8 @@
 demo_tools.py stage FOLDER START_TIME         writes FOLDER/stage.json (seconds, commands, accuracy)
 demo_tools.py samples FOLDER [FMNIST_DIR]     writes 2 held-out test PNGs per footwear class
 demo_tools.py show PREDICTIONS_JSON           prints predictions next to the true classes
+demo_tools.py fewshot FOLDER                  prints FOLDER/{pretrained,random}.json side by side
 demo_tools.py summary WORKDIR PRETRAINED START_TIME QUICK   writes WORKDIR/summary.json
-demo_tools.py few_shot OUT.npz N [FMNIST_DIR]  Fashion-MNIST as an .npz with only the first N
-                                              training images of each footwear class (the test
-                                              split whole): --config.fashion_mnist_dir=OUT.npz
 """
 
 import json
@@ -16,7 +14,8 @@ import sys
 import time
 from typing import Any, Optional
 
-STAGES = ("pretrain", "finetune", "scratch", "predict", "convert")
+STAGES = ("pretrain", "finetune", "scratch", "fewshot", "predict", "convert")
+STARTS = ("pretrained", "random")  # the few-shot stage's two feature extractors
 SAMPLES_PER_CLASS = 2
 
 
@@ -97,11 +96,16 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
   predictions = _read_json(os.path.join(workdir, "predict", "predictions.json"))["predictions"]
   correct = sum(p["top_k"][0]["label"] == _true_class(p["image"]) for p in predictions)
   timm_dir = os.path.join(workdir, "convert", "timm")
+  tables = fewshot_tables(os.path.join(workdir, "fewshot"))
   summary = dict(
     test_accuracy=stages["finetune"]["test_accuracy"],
     scratch_test_accuracy=stages["scratch"]["test_accuracy"],
     pretrain_test_accuracy=stages["pretrain"]["test_accuracy"],
     test_count=stages["finetune"]["test_count"],
+    # linear few-shot accuracy of the frozen features, mean over seeds (fractions, as above)
+    fewshot={s: {k: r["mean"] for k, r in t["shots"].items()} for s, t in tables.items()},
+    fewshot_std={s: {k: r["std"] for k, r in t["shots"].items()} for s, t in tables.items()},
+    fewshot_seeds=tables["pretrained"]["seeds"],
     seconds=round(sum(s["seconds"] for s in stages.values()), 1),
     stage_seconds={k: s["seconds"] for k, s in stages.items()},
     wall_seconds_this_run=round(time.time() - start_time, 1),
@@ -133,6 +137,11 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
     f"  same fine-tuning from random weights:    test accuracy "
     f"{summary['scratch_test_accuracy']:.4f}"
   )
+  for k in summary["fewshot"]["pretrained"]:
+    print(
+      f"  linear {k:>2}-shot, pretrained / random:     "
+      f"{summary['fewshot']['pretrained'][k]:.4f} / {summary['fewshot']['random'][k]:.4f}"
+    )
   print(f"  sample images classified correctly:      {summary['sample_predictions_correct']}")
   print("Results:")
   for key, value in summary["paths"].items():
@@ -140,29 +149,23 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
   print(f"  {'summary':<22} {os.path.join(workdir, 'summary.json')}")
 
 
-def write_few_shot(path: str, per_class: int, fashion_mnist_dir: Optional[str] = None) -> None:
-  """The low-data fine-tuning set: where a pretrained start is expected to pay off."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def fewshot_tables(folder: str) -> dict[str, dict[str, Any]]:
+  """{start: vit_jax.fewshot's JSON} for the pretrained checkpoint and the random start."""
+  return {start: _read_json(os.path.join(folder, f"{start}.json")) for start in STARTS}
 
-  from vit_jax import data_sources  # pylint: disable=g-import-not-at-top
 
-  arrays = data_sources.load_fashion_mnist(data_sources.find_fashion_mnist(fashion_mnist_dir or ""))
-  images, labels = arrays["train"]
-  footwear = [
-    data_sources.FASHION_MNIST_CLASSES.index(c) for c in ("Sandal", "Sneaker", "Ankle boot")
-  ]
-  keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in footwear])
-  np.savez(
-    path,
-    x_train=images[keep],
-    y_train=labels[keep],
-    x_test=arrays["test"][0],
-    y_test=arrays["test"][1],
-  )
+def show_fewshot(folder: str) -> None:
+  tables = fewshot_tables(folder)
+  first = tables["pretrained"]
   print(
-    f"{path}: {len(keep)} training images ({per_class} per footwear class), "
-    f"{len(arrays['test'][1])} test images"
+    f"linear {len(first['class_names'])}-way few-shot accuracy on {first['test_examples']} test "
+    f"images, {first['feature_dim']}-d features at {first['image_size']} px, mean +- std over "
+    f"{first['seeds']} seeds:"
   )
+  print(f"  {'shots per class':>15}  {'pretrained':>16}  {'random weights':>16}")
+  for k in first["shots"]:
+    cells = [f"{t['shots'][k]['mean']:.4f} +- {t['shots'][k]['std']:.4f}" for t in tables.values()]
+    print(f"  {k:>15}  {cells[0]:>16}  {cells[1]:>16}")
 
 
 def main(argv: list[str]) -> None:
@@ -175,8 +178,8 @@ def main(argv: list[str]) -> None:
     show_predictions(args[0])
   elif command == "summary":
     write_summary(args[0], args[1], float(args[2]), args[3] == "1")
-  elif command == "few_shot":
-    write_few_shot(args[0], int(args[1]), args[2] if len(args) > 2 else None)
+  elif command == "fewshot":
+    show_fewshot(args[0])
   else:
     raise SystemExit(f"demo_tools.py: unknown command {command!r}; see its docstring")
 

@@ -17,8 +17,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from configs import common
@@ -28,11 +26,11 @@ from vit_jax import (
   eval_figures,
   eval_html,
   eval_metrics,
+  forward,
   input_pipeline,
   models,
   predict,
   preprocess,
-  sharding,
 )
 
 NUM_ATTENTION_IMAGES = 4
@@ -83,13 +81,17 @@ def build_config(
   meta: dict[str, Any],
   config_argv: Sequence[str],
   split: Optional[str] = None,
+  dataset: Optional[str] = None,
 ) -> ml_collections.ConfigDict:
-  """configs/common.py's defaults, then the run's config (run.json), then `--config.X=Y`."""
+  """configs/common.py's defaults, then the run's config (run.json), then `dataset` (a preset
+  of configs/common.py or an image folder), then `--config.X=Y`."""
   config = common.get_config()
   run_json = os.path.join(run_dir(checkpoint_path), "run.json")
   if os.path.isfile(run_json):
     with open(run_json) as f:
       _merge(config, json.load(f).get("config", {}), "config")
+  if dataset:
+    common.with_dataset_or_folder(config, dataset)
   config.pp.crop = int(meta["image_size"])
   flag_values = flags.FlagValues()  # a fresh set per call: overrides of one run only
   argv = ["evaluate", *config_argv]
@@ -156,34 +158,10 @@ def predict_split(
 
   Collective: every process calls it (each feeds its slice); every process gets all N rows.
   """
-  mesh = sharding.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  params = sharding.put_global(params, jax.tree.map(lambda _: replicated, params))
-  rows = sharding.batch_sharding(mesh)
-
-  def step(p, batch):
-    logits = model.apply({"params": p}, batch["image"], train=False)
-    return dict(logits=logits, label=batch["label"], mask=batch["mask"], index=batch["index"])
-
-  step = jax.jit(step, in_shardings=(replicated, rows), out_shardings=rows)
-  ds = input_pipeline.get_eval_dataset(config, info, with_ids=True)
-  # Dispatch is asynchronous: the next batch is decoded while this one computes.
-  outputs = [step(params, sharding.global_batch(b, mesh)) for b in ds.as_numpy_iterator()]
-  host = sharding.to_host(outputs)
-  joined = {k: np.concatenate([o[k] for o in host]) for k in ("logits", "label", "mask", "index")}
-  real = joined["mask"] == 1
-  order = np.argsort(joined["index"][real], kind="stable")
-  indices = joined["index"][real][order].astype(np.int64)
-  if not np.array_equal(indices, np.arange(info.num_examples["test"])):
-    raise RuntimeError(
-      f"evaluation saw {len(indices)} examples, not each of the "
-      f"{info.num_examples['test']} of the split once"
-    )
-  return dict(
-    logits=joined["logits"][real][order].astype(np.float32),
-    labels=joined["label"][real][order].astype(np.int64),
-    indices=indices,
+  out = forward.apply_split(
+    config, info, lambda p, images: model.apply({"params": p}, images, train=False), params
   )
+  return dict(logits=out["outputs"], labels=out["labels"], indices=out["indices"])
 
 
 def example_ids(info: data_sources.DatasetInfo, indices: np.ndarray) -> np.ndarray:
