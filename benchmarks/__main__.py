@@ -17,6 +17,10 @@ SUBCOMMANDS = {
   "input": ("input", "input-pipeline throughput (JPEG folder or Fashion-MNIST)"),
   "evaluate": ("evaluate", "evaluation throughput of vit_jax.evaluation.predict_split"),
   "serve": ("serve", "latency and throughput of the recognizer server (vit_jax.serve)"),
+  "vit_vs_cnn": (
+    "vit_vs_cnn",
+    "R+ViT-tiny_8 against BiT-tiny on Fashion-MNIST: accuracy, few-shot, size, FLOPs, speed",
+  ),
   "table": ("table", "markdown table from the JSON lines of `speed --json`"),
   "all": (
     "suite",
