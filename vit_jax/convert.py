@@ -403,22 +403,31 @@ def _timm_bit_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     num_features=features,
     global_pool="avg",
     model_args=dict(num_classes=num_classes),
-    pretrained_cfg=dict(
-      custom_load=False,
-      input_size=[3, size, size],
-      fixed_input_size=False,
-      interpolation="bilinear",
-      crop_pct=1.0,
-      crop_mode="center",
-      mean=_MEAN_STD,
-      std=_MEAN_STD,
-      num_classes=num_classes,
-      pool_size=None,
-      first_conv="stem.conv",
-      classifier="head.fc",
+    pretrained_cfg=timm_pretrained_cfg(
+      size, num_classes, fixed_size=False, first_conv="stem.conv", classifier="head.fc"
     ),
     label_names=meta["class_names"] or [],
     vit_jax=dict(model_name=meta.get("model_name"), architecture=meta["architecture"]),
+  )
+
+
+def timm_pretrained_cfg(
+  size: int, num_classes: int, *, fixed_size: bool, first_conv: str, classifier: str
+) -> dict[str, Any]:
+  """timm's pretrained_cfg of an export: our preprocessing (bilinear resize, [-1, 1])."""
+  return dict(
+    custom_load=False,
+    input_size=[3, size, size],
+    fixed_input_size=fixed_size,
+    interpolation="bilinear",
+    crop_pct=1.0,
+    crop_mode="center",
+    mean=_MEAN_STD,
+    std=_MEAN_STD,
+    num_classes=num_classes,
+    pool_size=None,
+    first_conv=first_conv,
+    classifier=classifier,
   )
 
 
@@ -548,17 +557,10 @@ def timm_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     num_features=args["embed_dim"],
     global_pool=args["global_pool"],
     model_args=args,
-    pretrained_cfg=dict(
-      custom_load=False,
-      input_size=[3, size, size],
-      fixed_input_size=True,
-      interpolation="bilinear",
-      crop_pct=1.0,
-      crop_mode="center",
-      mean=_MEAN_STD,
-      std=_MEAN_STD,
-      num_classes=args["num_classes"],
-      pool_size=None,
+    pretrained_cfg=timm_pretrained_cfg(
+      size,
+      args["num_classes"],
+      fixed_size=True,
       first_conv="patch_embed.backbone."
       + ("stem.conv" if (meta["architecture"].get("resnet") or {}).get("num_layers") else "conv")
       if meta["architecture"].get("resnet")
