@@ -75,14 +75,23 @@ def design_matrix(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
 
 def ridge(x: np.ndarray, targets: np.ndarray, l2: float) -> np.ndarray:
   """argmin_w |x w - targets|^2 + l2 |w|^2, in closed form: w [D, C] for x [N, D]."""
-  u, s, vt = np.linalg.svd(x, full_matrices=False)
-  return (vt.T * (s / (s**2 + l2))) @ (u.T @ targets)
+  return _ridge_from_svd(np.linalg.svd(x, full_matrices=False), targets, l2)
 
 
 def loo_squared_errors(x: np.ndarray, targets: np.ndarray, grid: Sequence[float]) -> np.ndarray:
   """Leave-one-out mean squared error of ridge for each L2 strength in `grid` (PRESS): with the
   hat matrix H = x (x'x + l2)^-1 x', example i's left-out residual is r_i / (1 - H_ii)."""
-  u, s, _ = np.linalg.svd(x, full_matrices=False)
+  return _loo_from_svd(np.linalg.svd(x, full_matrices=False), targets, grid)
+
+
+# The two share one thin SVD x = U diag(s) V' in fit_and_score.
+def _ridge_from_svd(svd: tuple, targets: np.ndarray, l2: float) -> np.ndarray:
+  u, s, vt = svd
+  return (vt.T * (s / (s**2 + l2))) @ (u.T @ targets)
+
+
+def _loo_from_svd(svd: tuple, targets: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+  u, s, _ = svd
   proj = u.T @ targets
   errors = []
   for l2 in grid:
@@ -107,8 +116,9 @@ def fit_and_score(
   std = train_x.std(axis=0, dtype=np.float64) + 1e-5
   x = design_matrix(train_x, mean, std)
   targets = 2.0 * np.eye(num_classes)[train_y] - 1.0
-  l2 = float(grid[int(np.argmin(loo_squared_errors(x, targets, grid)))])
-  w = ridge(x, targets, l2)
+  svd = np.linalg.svd(x, full_matrices=False)
+  l2 = float(grid[int(np.argmin(_loo_from_svd(svd, targets, grid)))])
+  w = _ridge_from_svd(svd, targets, l2)
   predictions = np.argmax(design_matrix(test_x, mean, std) @ w, axis=1)
   return float(np.mean(predictions == test_y)), l2
 
