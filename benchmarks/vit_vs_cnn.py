@@ -5,9 +5,9 @@ r"""A small ViT against a BiT ResNet of its size on the demo's data (docs/vit_vs
 
 For each of R+ViT-tiny_8 (the demo's ViT) and BiT-tiny (a BiT ResNetV2 of similar size), in
 process, with `train.train_and_evaluate`:
-  1. pretrain from scratch on the 7 non-footwear Fashion-MNIST classes at 24 px with
-     configs/pretrain_fmnist.py's recipe (for BiT without the representation layer, which a
-     ResNet does not have);
+  1. pretrain from scratch on the 7 non-footwear Fashion-MNIST classes with
+     configs/pretrain_fmnist.py's recipe, but at 24 px (for BiT without the representation layer,
+     which a ResNet does not have);
   2. fine-tune that checkpoint on the 3 footwear classes at 32 px with configs/shoes.py:demo's
      recipe;
   3. few-shot linear evaluation (`vit_jax.fewshot`) on the footwear classes of the pretrained
@@ -120,6 +120,7 @@ def pretrain_config(model_name: str, args: argparse.Namespace) -> Any:
   config = pretrain_fmnist.get_config()
   config.unlock()
   config.model_name = model_name
+  config.pp.crop = 24  # the resolution of the recorded comparison (docs/vit_vs_cnn.md)
   if model_name in models.BIT_CONFIGS:
     config.model.representation_size = None  # a ResNet has no representation layer
   return _common(config, args)

@@ -5,9 +5,8 @@
 # ViT paper in miniature, on 2 CPU cores in under 15 minutes:
 #   1. pretrain  a small ViT from scratch on the 7 non-footwear classes (configs/pretrain_fmnist.py),
 #                exported in the ImageNet-21k .npz layout (pre_logits included) to checkpoints/;
-#   2. finetune  it on the 3 footwear classes at another resolution (configs/shoes.py:demo): the
-#                same load_pretrained path as ViT-B_16.npz (pre_logits dropped, head reset,
-#                position embeddings resized);
+#   2. finetune  it on the 3 footwear classes (configs/shoes.py:demo): the same load_pretrained
+#                path as ViT-B_16.npz (pre_logits dropped, head reset);
 #   3. scratch   the same fine-tuning from random weights, same budget (--config.from_scratch=True);
 #      fewshot   linear few-shot evaluation (python -m vit_jax.fewshot) on the footwear classes of
 #                the frozen pretrained features and of a random initialisation of the same model;

@@ -19,7 +19,6 @@ from vit_jax import checkpoint, predict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = os.path.join(REPO, "tests", "data", "fashion_mnist_slice.npz")
 FOOTWEAR = ["Sandal", "Sneaker", "Ankle boot"]
-POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
 def _env() -> dict[str, str]:
@@ -110,11 +109,11 @@ def test_pretrained_file_has_the_in21k_layout(demo):
   params = checkpoint.load(path)
   assert params["pre_logits"]["kernel"].shape == (64, 64)  # representation layer, as in21k
   assert params["head"]["kernel"].shape == (64, 7)  # the 7 non-footwear classes
-  assert checkpoint.load_metadata(path)["image_size"] == 24  # pretrained at low resolution
+  assert checkpoint.load_metadata(path)["image_size"] == 32  # the fine-tuning resolution
   assert params["conv_root"]["kernel"].shape == (7, 7, 3, 32)  # the hybrid's ResNet root
 
 
-def test_finetuned_model_changed_resolution_and_head(demo):
+def test_finetuned_model_changed_head(demo):
   workdir, _ = demo
   npz = os.path.join(workdir, "finetune", "params.npz")
   params, meta = checkpoint.load_for_inference(npz)
@@ -123,7 +122,7 @@ def test_finetuned_model_changed_resolution_and_head(demo):
   assert meta["class_names"] == FOOTWEAR
   pretrained = checkpoint.load(os.path.join(workdir, "checkpoints", "R+ViT-tiny_8-fmnist.npz"))
   grid = lambda p: p["Transformer"]["posembed_input"]["pos_embedding"].shape[1] - 1
-  assert meta["image_size"] == 32 and grid(params) == 16 > grid(pretrained) == 9  # resized grid
+  assert meta["image_size"] == 32 and grid(params) == grid(pretrained) == 16  # 4x4 tokens
   with open(os.path.join(workdir, "finetune", "run.json")) as f:
     assert json.load(f)["config"]["pretrained_path"].endswith("R+ViT-tiny_8-fmnist.npz")
   with open(os.path.join(workdir, "scratch", "run.json")) as f:
@@ -154,11 +153,8 @@ def test_finetuning_starts_from_the_pretrained_weights(demo, tmp_path):
   with np.load(pretrained) as want, np.load(os.path.join(workdir, "params.npz")) as got:
     kept = [k for k in want.files if not k.startswith(("head/", "pre_logits/"))]
     assert len(kept) > 50 and "conv_root/kernel" in kept  # the ResNet stem's arrays too
-    for key in kept:
-      if key == POSEMB:  # resized 3x3 -> 4x4 grid; the class token's slot is kept as it is
-        np.testing.assert_array_equal(got[key][:, 0], want[key][:, 0], err_msg=key)
-      else:
-        np.testing.assert_array_equal(got[key], want[key].reshape(got[key].shape), err_msg=key)
+    for key in kept:  # the position embeddings too: pretrained at the fine-tuning resolution
+      np.testing.assert_array_equal(got[key], want[key].reshape(got[key].shape), err_msg=key)
 
 
 def test_predictions_name_the_footwear_classes(demo):
