@@ -170,6 +170,31 @@ def test_features_are_extracted_in_split_order_on_all_devices(tmp_path):
   assert features.class_names == FOOTWEAR
 
 
+def test_only_the_sampled_train_examples_go_through_the_model(tmp_path):
+  from configs import common
+
+  _, model, params = _exported(tmp_path)
+  config = common.with_dataset(common.get_config(), "fashion_mnist_shoes")
+  config.fashion_mnist_dir, config.pp.crop, config.batch_eval = FMNIST_SLICE, 28, 64
+  body = fewshot.checkpoint_model("x", None, params, models_meta(model))[0]
+  features = fewshot.FeatureExtractor(config)(body, params, shots=(1, 5), seeds=2)
+  want_x, want_y = _direct_features(model, params, "train")
+  rows = fewshot.sampled_rows(want_y, 3, (1, 5), 2)
+  assert features.train_computed == len(rows) <= 2 * 5 * 3 < len(want_y) == 300
+  np.testing.assert_array_equal(np.flatnonzero(np.any(features.train[0] != 0, 1)), rows)
+  np.testing.assert_allclose(features.train[0][rows], want_x[rows], atol=2e-5)
+  np.testing.assert_array_equal(features.train[1], want_y)
+
+
+def test_a_tfds_source_has_no_index_subset():
+  from vit_jax import data_sources
+
+  info = data_sources.DatasetInfo(
+    ("a",), {"train": 1, "test": 1}, data_sources.TfdsSource(None, {})
+  )
+  assert data_sources.subset(info, "train", np.array([0])) is None
+
+
 def models_meta(model):
   from vit_jax import models
 

@@ -91,6 +91,19 @@ class DatasetInfo:
     return len(self.class_names)
 
 
+def subset(info: DatasetInfo, split: str, rows: np.ndarray) -> DatasetInfo | None:
+  """`info` whose `split` holds only its examples `rows`, in that order (the pipelines then read
+  just those); None for a tfds source, whose examples are not addressable by index."""
+  if not isinstance(info.source, IndexedSource):
+    return None
+  rows = np.asarray(rows, np.int64)
+  examples = info.source.splits[split]
+  picked = Examples(data=examples.data[rows], labels=examples.labels[rows])
+  source = dataclasses.replace(info.source, splits={**info.source.splits, split: picked})
+  num_examples = {**info.num_examples, split: len(rows)}
+  return dataclasses.replace(info, num_examples=num_examples, source=source)
+
+
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Finds and checks the data of `config.dataset`; every data error surfaces here."""
   if not config.dataset:

@@ -16,7 +16,8 @@ The protocol (as big_vision's evaluator):
   * features: the model's pre-logits output (the representation layer when there is one, else
     the class token or the pooled tokens, as the model classifies; a BiT ResNet's globally
     average-pooled final feature map), computed at the checkpoint's resolution with the
-    evaluation preprocessing, by a jitted forward pass over all devices;
+    evaluation preprocessing, by a jitted forward pass over all devices, for the test split and
+    the train examples some seed samples (the whole train split from tfds);
   * for each shot count k and seed s: k training examples per class drawn without replacement
     (the draw depends on s only, so the 1-shot sample is in the 5-shot one);
   * features standardised with the sample's mean and standard deviation, plus a constant feature
@@ -65,6 +66,14 @@ def sample_indices(labels: np.ndarray, num_classes: int, shots: int, seed: int) 
       raise FewshotError(f"class {c} has {len(members)} training examples, fewer than {shots}")
     picked.append(rng.permutation(members)[:shots])
   return np.concatenate(picked)
+
+
+def sampled_rows(
+  labels: np.ndarray, num_classes: int, shots: Sequence[int], seeds: int
+) -> np.ndarray:
+  """The sorted train indices that any (shot count, seed) of `evaluate_features` samples."""
+  draws = [sample_indices(labels, num_classes, max(shots), seed) for seed in range(seeds)]
+  return np.unique(np.concatenate(draws))  # each seed's smaller samples are prefixes of this
 
 
 def design_matrix(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -170,6 +179,7 @@ class Features:
   train: tuple[np.ndarray, np.ndarray]
   test: tuple[np.ndarray, np.ndarray]
   class_names: tuple[str, ...]
+  train_computed: int = 0  # train examples run through the model (the rest: zero rows)
 
 
 class FeatureExtractor:
@@ -185,24 +195,54 @@ class FeatureExtractor:
     self.train_config = train_config
     self.train_info = input_pipeline.get_dataset_info(train_config)
 
-  def split(self, model: Any, params: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, D], labels [N]) of the 'train' or 'test' split, in split order; `model` is
-    built with num_classes=None (it returns the pre-logits), `params` may hold a head."""
-    from vit_jax import forward  # pylint: disable=g-import-not-at-top
+  def split(
+    self, model: Any, params: Any, split: str, rows: Optional[np.ndarray] = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D], labels [N]) of the 'train' or 'test' split, in split order, or of its
+    examples `rows` only, in that order (an indexable source); `model` is built with
+    num_classes=None (it returns the pre-logits), `params` may hold a head."""
+    from vit_jax import data_sources, forward  # pylint: disable=g-import-not-at-top
 
     config, info = (
       (self.train_config, self.train_info) if split == "train" else (self.config, self.info)
     )
+    if rows is not None:  # the pipelines read the config's test split: here, this split
+      info = data_sources.subset(info, "test", rows)
     body = {k: v for k, v in params.items() if k != "head"}
     fn = lambda p, images: model.apply({"params": p}, images, train=False)
     result = forward.apply_split(config, info, fn, body)
     return result["outputs"], result["labels"]
 
-  def __call__(self, model: Any, params: Any) -> Features:
+  def train_labels(self) -> Optional[np.ndarray]:
+    """The train split's labels without running a model; None for a tfds source."""
+    from vit_jax import data_sources  # pylint: disable=g-import-not-at-top
+
+    source = self.train_info.source
+    if not isinstance(source, data_sources.IndexedSource):
+      return None
+    return source.splits["test"].labels.astype(np.int64)
+
+  def __call__(
+    self, model: Any, params: Any, shots: Sequence[int] = (), seeds: int = 0
+  ) -> Features:
+    """Both splits' features. Given the `shots` and `seeds` that `evaluate_features` will use,
+    only the train examples it samples go through the model when the source is indexable (an
+    image folder, Fashion-MNIST): the other rows of `train` stay zero and are never read."""
+    labels = self.train_labels()
+    if shots and seeds and labels is not None:
+      rows = sampled_rows(labels, self.info.num_classes, shots, seeds)
+      x, _ = self.split(model, params, "train", rows)
+      features = np.zeros((len(labels), x.shape[1]), x.dtype)
+      features[rows] = x
+      train, computed = (features, labels), len(rows)
+    else:
+      train = self.split(model, params, "train")
+      computed = len(train[1])
     return Features(
-      train=self.split(model, params, "train"),
+      train=train,
       test=self.split(model, params, "test"),
       class_names=self.info.class_names,
+      train_computed=computed,
     )
 
 
@@ -222,7 +262,7 @@ class Evaluator:
   def __call__(self, params: Any) -> dict[str, float]:
     scalars = {}
     for name, extract in self.extractors.items():
-      features = extract(self.model, params)
+      features = extract(self.model, params, self.shots, self.seeds)
       table = evaluate_features(
         features.train, features.test, len(features.class_names), self.shots, self.seeds
       )
@@ -306,7 +346,7 @@ def run(
       jax.random.PRNGKey(config.seed), np.zeros((1, image_size, image_size, 3), np.float32)
     )
     params = jax.device_get(variables["params"])
-  features = FeatureExtractor(config)(model, params)
+  features = FeatureExtractor(config)(model, params, shots, seeds)
   table = evaluate_features(features.train, features.test, len(features.class_names), shots, seeds)
   return dict(
     checkpoint=checkpoint_path,
@@ -317,6 +357,7 @@ def run(
     class_names=list(features.class_names),
     feature_dim=int(features.train[0].shape[1]),
     train_examples=int(len(features.train[1])),
+    train_examples_featurized=features.train_computed,
     test_examples=int(len(features.test[1])),
     seeds=seeds,
     shots=table,
