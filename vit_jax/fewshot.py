@@ -208,6 +208,8 @@ class FeatureExtractor:
     )
     if rows is not None:  # the pipelines read the config's test split: here, this split
       info = data_sources.subset(info, "test", rows)
+      if info is None:
+        raise FewshotError(f"{config.dataset}: a tfds split cannot be read by example index")
     body = {k: v for k, v in params.items() if k != "head"}
     fn = lambda p, images: model.apply({"params": p}, images, train=False)
     result = forward.apply_split(config, info, fn, body)
