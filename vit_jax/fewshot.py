@@ -179,7 +179,7 @@ class Features:
   train: tuple[np.ndarray, np.ndarray]
   test: tuple[np.ndarray, np.ndarray]
   class_names: tuple[str, ...]
-  train_computed: int = 0  # train examples run through the model (the rest: zero rows)
+  train_computed: int  # train examples run through the model (the other rows of train: zeros)
 
 
 class FeatureExtractor:
