@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "hlo",
     "compile the training step (for an absent H100, or here): kernels, bytes, memory plan",
   ),
+  "tpu": ("tpu", "TPU slice sizing (docs/tpu.md): the preflight over models and slices"),
   "input": ("input", "input-pipeline throughput (JPEG folder or Fashion-MNIST)"),
   "evaluate": ("evaluate", "evaluation throughput of vit_jax.evaluation.predict_split"),
   "serve": ("serve", "latency and throughput of the recognizer server (vit_jax.serve)"),

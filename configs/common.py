@@ -58,15 +58,18 @@ def get_config() -> ml_collections.ConfigDict:
       representation_size=config_dict.placeholder(int),
       classifier=config_dict.placeholder(str),
       gelu_approximate=config_dict.placeholder(bool),
-      dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
+      # compute dtype: float32 or bfloat16 (parameters stay float32); None: bfloat16 on TPU,
+      # float32 elsewhere (models.dtype_default)
+      dtype=config_dict.placeholder(str),
       remat=False,  # rematerialise each encoder block (trade compute for memory)
       # what a rematerialised block keeps: models_vit.REMAT_POLICIES, least memory first
       remat_policy="nothing_saveable",
       # keep only GELU's input for the backward pass and recompute its tanh there: one
       # [batch, tokens, mlp_dim] activation per block less to store (same values)
       recompute_gelu=False,
-      # attention kernel: "" (XLA's) or "cudnn" (fused flash attention on NVIDIA GPUs)
-      attention_impl="",
+      # attention kernel: "" (XLA's), "einsum" (weights materialised) or "cudnn" (fused flash
+      # attention on NVIDIA GPUs); None: "einsum" on TPU, "" elsewhere
+      attention_impl=config_dict.placeholder(str),
       # route the residual gradient through a conditional before each block (same values); None:
       # on for the CPU backend only, where XLA otherwise re-derives it quadratically in depth
       cotangent_boundaries=config_dict.placeholder(bool),
@@ -178,4 +181,18 @@ def with_dataset_or_folder(
   else:
     config.dataset, config.classes, config.pp.train, config.pp.test = dataset, (), "train", "test"
   config.pp.crop = crop
+  return config
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-name values set (`{"model.remat": True}`), as the
+  `--config.FIELD=VALUE` flags set them."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *path, leaf = key.split(".")
+      for p in path:
+        node = node[p]
+      node[leaf] = value
   return config

@@ -12,6 +12,11 @@ fi
 .venv/bin/pip install -q -r requirements-torch.txt
 .venv/bin/pip install -q -r requirements.txt -r requirements-test.txt
 .venv/bin/pip install -q --no-deps -e .
+# libtpu, for `python -m vit_jax.preflight` (compiles for TPU slices on this machine): into a
+# folder of its own, not site-packages, so that no other command probes for a TPU at start-up.
+if [ ! -f .venv/libtpu/libtpu/libtpu.so ]; then
+  .venv/bin/pip install -q --no-deps --target .venv/libtpu -r requirements-tpu.txt
+fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
     >/dev/null 2>&1 || echo "note: could not install dataset-fashion-mnist (the demo needs it)"

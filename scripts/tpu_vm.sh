@@ -5,6 +5,7 @@
 #
 #   export TPU_NAME=vit-pod ZONE=us-central2-b ACCELERATOR_TYPE=v4-16 TPU_VERSION=tpu-ubuntu2204-base
 #   export BUCKET=gs://my-bucket/vit_jax            # for mount / push / pull
+#   bash scripts/tpu_vm.sh preflight --config=configs/shoes.py   # here: fits $ACCELERATOR_TYPE?
 #   bash scripts/tpu_vm.sh create                   # the VM (v4-8: 1 host) or pod slice (v4-16: 2)
 #   bash scripts/tpu_vm.sh install                  # this checkout + Python 3.11 venv, all workers
 #   bash scripts/tpu_vm.sh check                    # every worker sees every chip
@@ -67,6 +68,11 @@ cmd=${1:-}
 shift
 
 case $cmd in
+  preflight)  # on this machine, no TPU: compiles the run for $ACCELERATOR_TYPE, says if it fits
+    [[ $# -gt 0 ]] || { echo "usage: $0 preflight --config=... [--config.x=...]" >&2; exit 2; }
+    "${PYTHON:-.venv/bin/python}" -m vit_jax.preflight --topology="$ACCELERATOR_TYPE" "$@"
+    ;;
+
   create)
     tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR_TYPE" --version="$TPU_VERSION" \
       ${SPOT:+--spot}

@@ -223,3 +223,33 @@ def test_padded_attention_is_the_same_function():
     )
   ]
   np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_einsum_attention_is_the_same_function():
+  """attention_impl='einsum' (the TPU default) computes what XLA's dot_product_attention does."""
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  xla = models.get_model("ViT-tiny_4", 3, attention_impl="")
+  einsum = models.get_model("ViT-tiny_4", 3, attention_impl="einsum")
+  params = jax.tree.map(lambda p: p + 0.1, xla.init(jax.random.key(0), x)["params"])
+  np.testing.assert_allclose(
+    einsum.apply({"params": params}, x), xla.apply({"params": params}, x), rtol=1e-5, atol=1e-5
+  )
+  got, want = _grad_fn(einsum, x)(params), _grad_fn(xla, x)(params)
+  # Float32 rounding of two summation orders, against the gradients' scale (the key bias's
+  # gradient is zero analytically: rounding noise on both paths).
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), got, want)
+
+
+@pytest.mark.parametrize(
+  "platform, want",
+  [("tpu", (jnp.bfloat16, "einsum", False)), ("cpu", (jnp.float32, None, True))],
+)
+def test_unset_fields_take_the_platforms_defaults(platform, want):
+  # What a config's model block passes when dtype, attention_impl, cotangent_boundaries are unset.
+  unset = dict(dtype=None, attention_impl=None, cotangent_boundaries=None)
+  model = models.get_model("ViT-tiny_4", 3, platform=platform, **unset)
+  assert (jnp.dtype(model.dtype), model.attention_impl, model.cotangent_boundaries) == want
+  # A BiT takes the dtype and has no attention.
+  bit = models.get_model("BiT-tiny", 3, platform=platform, **unset)
+  assert jnp.dtype(bit.dtype) == want[0]

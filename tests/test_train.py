@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from configs import testing as testing_config
 from tests import npz_fixtures
 from tests.image_folders import COLORS, write_colour_folder
@@ -27,15 +28,8 @@ def folder(tmp_path_factory):
 
 
 def _config(folder, **overrides):
-  config = testing_config.get_config()
+  config = common.with_overrides(testing_config.get_config(), {"dataset": folder, **overrides})
   config.unlock()
-  config.dataset = folder
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
   return config
 
 

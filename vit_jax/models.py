@@ -91,7 +91,23 @@ _FIELDS = frozenset(
   f for f in models_vit.VisionTransformer.__dataclass_fields__ if f not in ("parent", "name")
 )
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("", "cudnn")  # "": XLA's attention
+# "": jax.nn.dot_product_attention (XLA's); "einsum": the weights as an einsum and a float32
+# softmax, as flax's attention (faster on TPU); "cudnn": cuDNN's fused attention (NVIDIA GPUs).
+ATTENTION_IMPLS = ("", "einsum", "cudnn")
+
+
+def dtype_default(platform: Optional[str] = None) -> str:
+  """The compute dtype a config's `model.dtype=None` means on `platform` (default: jax's default
+  backend): bfloat16 on TPU, whose matrix units compute in it (a float32 matmul there is bf16
+  passes anyway) and whose HBM is the limit; float32 elsewhere, the checkpoints' own numbers."""
+  return "bfloat16" if (platform or jax.default_backend()) == "tpu" else "float32"
+
+
+def attention_impl_default(platform: Optional[str] = None) -> str:
+  """What a config's `model.attention_impl=None` means on `platform`: "einsum" on TPU, where the
+  TPU compiler estimates ViT-B/16's bf16 train step 5.5 % faster with it than with
+  jax.nn.dot_product_attention; "" (XLA's dot_product_attention) elsewhere."""
+  return "einsum" if (platform or jax.default_backend()) == "tpu" else ""
 
 
 def cotangent_boundaries_default(platform: Optional[str] = None) -> bool:
@@ -134,18 +150,33 @@ _VIT_ONLY_DEFAULTS = dict(
 _BIT_FIELDS = frozenset(("dtype", "param_dtype", "resnet"))
 
 
-def get_model(name: str, num_classes: int | None, **overrides: Any) -> Model:
+def get_model(
+  name: str, num_classes: int | None, *, platform: Optional[str] = None, **overrides: Any
+) -> Model:
   """Returns the preset `name` with `num_classes` outputs; `overrides` replace preset fields.
 
   `overrides` may be a config's `model` block as it is (`**config.model`): a None value keeps the
   preset's field; `dtype` may be a name ("bfloat16"); `attention_impl` "" is XLA's attention;
-  `resnet` may be a mapping whose None entries keep the preset stem's; `cotangent_boundaries` None
-  is `cotangent_boundaries_default()`, resolved here, once. A BiT preset takes `dtype`,
-  `param_dtype` and `resnet` (its stage depths and width). Raises ValueError naming a bad field.
+  `resnet` may be a mapping whose None entries keep the preset stem's. `dtype`, `attention_impl`
+  and `cotangent_boundaries` None are the defaults for `platform` (`dtype_default`,
+  `attention_impl_default`, `cotangent_boundaries_default`; default: jax's default backend),
+  resolved here, once. A BiT
+  preset takes `dtype`, `param_dtype` and `resnet` (its stage depths and width). Raises
+  ValueError naming a bad field.
   """
   if name not in MODEL_CONFIGS:
     raise ValueError(f"Unknown model_name {name!r}; known: {', '.join(MODEL_CONFIGS)}")
+  defaults = {
+    "dtype": dtype_default,
+    "attention_impl": attention_impl_default,
+  }
+  resolved = {
+    k: f(platform) for k, f in defaults.items() if k in overrides and overrides[k] is None
+  }
   overrides = {k: v for k, v in overrides.items() if v is not None}
+  if name in BIT_CONFIGS:
+    resolved.pop("attention_impl", None)
+  overrides.update(resolved)
   if isinstance(overrides.get("dtype"), str):
     if overrides["dtype"] not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {overrides['dtype']!r}")
@@ -160,7 +191,7 @@ def get_model(name: str, num_classes: int | None, **overrides: Any) -> Model:
   if "attention_impl" in overrides:
     if overrides["attention_impl"] not in ATTENTION_IMPLS:
       raise ValueError(
-        f"attention_impl must be '' (XLA) or 'cudnn', got {overrides['attention_impl']!r}"
+        f"attention_impl must be '' (XLA), 'einsum' or 'cudnn', got {overrides['attention_impl']!r}"
       )
     overrides["attention_impl"] = overrides["attention_impl"] or None
   if "remat_policy" in overrides and overrides["remat_policy"] not in models_vit.REMAT_POLICIES:
@@ -172,7 +203,7 @@ def get_model(name: str, num_classes: int | None, **overrides: Any) -> Model:
   if "resnet" in overrides:
     kwargs["resnet"] = _merge_resnet(MODEL_CONFIGS[name]["resnet"], overrides["resnet"])
   if kwargs.get("cotangent_boundaries") is None:
-    kwargs["cotangent_boundaries"] = cotangent_boundaries_default()
+    kwargs["cotangent_boundaries"] = cotangent_boundaries_default(platform)
   return models_vit.VisionTransformer(num_classes=num_classes, model_name=name, **kwargs)
 
 

@@ -156,7 +156,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
   num_heads: int
   dropout_rate: float = 0.0
-  attention_impl: Optional[str] = None  # None (XLA) or "cudnn"
+  attention_impl: Optional[str] = None  # None (XLA), "einsum" or "cudnn"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -173,11 +173,12 @@ class MultiHeadDotProductAttention(nn.Module):
       kernel_init=nn.initializers.xavier_uniform(),
     )
     q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ("query", "key", "value"))
-    if self.dropout_rate > 0.0 and not deterministic:
-      # Dropout on the attention weights needs them materialised.
+    if (self.dropout_rate > 0.0 and not deterministic) or self.attention_impl == "einsum":
+      # Dropout on the attention weights needs them materialised; on TPU this form also
+      # compiles to a faster step than dot_product_attention (models.attention_impl_default).
       logits = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(head_dim).astype(q.dtype), k)
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
-      weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+      weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     elif self.attention_impl == "cudnn":
       out = padded_dot_product_attention(q, k, v, implementation="cudnn")

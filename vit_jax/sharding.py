@@ -17,9 +17,12 @@ from jax.sharding import PartitionSpec as P
 DATA = "data"
 
 
-def make_mesh() -> Mesh:
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+  """The 1-D 'data' mesh over `devices` (default: every device of every process)."""
   # Auto axes (classic sharding propagation); jax.make_mesh defaults to Explicit axes now.
-  return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=(AxisType.Auto,))
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=(AxisType.Auto,))
+  return Mesh(np.asarray(devices), (DATA,), axis_types=(AxisType.Auto,))
 
 
 def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:

@@ -27,7 +27,7 @@ from vit_jax import (
   metrics,
   models,
   models_resnet,
-  optim,
+  program,
   sharding,
   steps,
 )
@@ -47,8 +47,14 @@ class TrainingDiverged(RuntimeError):
 # Configuration.
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks values up front so that a mistake fails in a second, not after compiling."""
+def validate_config(
+  config: ml_collections.ConfigDict, num_devices: Optional[int] = None, needs_data: bool = True
+) -> None:
+  """Checks values up front so that a mistake fails in a second, not after compiling.
+
+  `num_devices`: the devices the run will use (default: this run's `jax.device_count()`);
+  `needs_data=False` skips the dataset check (the preflight compiles shapes only).
+  """
 
   def need(ok: bool, msg: str) -> None:
     if not ok:
@@ -59,7 +65,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"config.model_name={config.model_name!r} is unknown; known: {', '.join(models.MODEL_CONFIGS)}",
   )
   need(
-    bool(config.dataset),
+    bool(config.dataset) or not needs_data,
     "config.dataset is empty: set a tfds name, an image folder or "
     "'fashion_mnist' (--config.dataset=...)",
   )
@@ -93,7 +99,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     0 <= config.warmup_steps < config.total_steps,
     f"config.warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps})",
   )
-  n = jax.device_count()
+  n = jax.device_count() if num_devices is None else num_devices
   need(config.batch % n == 0, f"config.batch={config.batch} is not divisible by the {n} devices")
   need(
     (config.batch // n) % config.accum_steps == 0,
@@ -355,8 +361,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # 2. Data and model.
   info = input_pipeline.get_dataset_info(config)
-  model = models.get_model(config.model_name, info.num_classes, **config.model)
-  tx, lr_fn = optim.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  prog = program.build_program(config, info.num_classes, mesh)
+  model, tx, abstract, shardings, par = (
+    prog.model,
+    prog.tx,
+    prog.abstract,
+    prog.shardings,
+    prog.par,
+  )
   logging.info(
     "process %d/%d, %d local / %d global devices (%s), parallelism=%s%s",
     jax.process_index(),
@@ -369,14 +382,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   # 3. State: shapes first, created sharded, from the resume ladder.
-  mesh = sharding.make_mesh()
-  abstract = jax.eval_shape(
-    functools.partial(
-      steps.init_state, model=model, tx=tx, image_size=config.pp.crop, seed=config.seed
-    )
-  )
-  shardings = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp)
-  par = sharding.parallelism(config.parallelism, mesh, shardings)
   mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), config)
   best_mngr = best_checkpoint_manager(workdir, config)
   state, origin = initial_state(config, model, tx, mngr, abstract, shardings)
@@ -399,10 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
   # 4. Steps: one donated update and one evaluation, compiled for the parallelism.
-  train_step = par.train_step(
-    steps.make_train_step(model, tx, lr_fn, config, info.num_classes, axis_name=par.axis_name)
-  )
-  eval_step = par.eval_step(steps.make_eval_step(model, info.num_classes, axis_name=par.axis_name))
+  train_step, eval_step = prog.train_step, prog.eval_step
   run_state = par.enter(state)
   del state
   fewshot_eval = fewshot.Evaluator(config) if config.fewshot.datasets else None
