@@ -160,9 +160,8 @@ def get_model(
   `resnet` may be a mapping whose None entries keep the preset stem's. `dtype`, `attention_impl`
   and `cotangent_boundaries` None are the defaults for `platform` (`dtype_default`,
   `attention_impl_default`, `cotangent_boundaries_default`; default: jax's default backend),
-  resolved here, once. A BiT
-  preset takes `dtype`, `param_dtype` and `resnet` (its stage depths and width). Raises
-  ValueError naming a bad field.
+  resolved here, once. A BiT preset takes `dtype`, `param_dtype` and `resnet` (its stage depths
+  and width). Raises ValueError naming a bad field.
   """
   if name not in MODEL_CONFIGS:
     raise ValueError(f"Unknown model_name {name!r}; known: {', '.join(MODEL_CONFIGS)}")
