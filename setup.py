@@ -18,7 +18,7 @@ setuptools.setup(
   description="Fine-tune the original Google Vision Transformer checkpoints in JAX/Flax.",
   long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
   long_description_content_type="text/markdown",
-  packages=["vit_jax", "configs"],  # configs: `from configs import shoes` anywhere
+  packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*", "configs"]),  # configs too
   python_requires=">=3.10",
   install_requires=_requirements("requirements.txt"),
   extras_require={

@@ -2,8 +2,8 @@
 
   python -m benchmarks.timm_twin SPEED_FLAGS...   (benchmarks.speed starts it; stdout: one JSON)
 
-timm: the same architecture (`convert.timm_model_args`) with the same initial weights
-(`convert.timm_state_dict`, loaded strictly), the same batch, SGD with momentum and gradient
+timm: the same architecture (`timm_export.timm_model_args`) with the same initial weights
+(`timm_export.timm_state_dict`, loaded strictly), the same batch, SGD with momentum and gradient
 clipping, in the settings a PyTorch user would pick: channels-last, `torch.compile` when it works
 and is faster, bf16 autocast for `--dtype bfloat16`, TF32 matmuls for float32 on CUDA (what XLA
 uses by default on GPU). A process of its own, started before ours measures, so that the two
@@ -30,6 +30,7 @@ from timm.models import vision_transformer as timm_vit
 
 from benchmarks import harness, speed
 from vit_jax import convert, models, models_vit
+from vit_jax.convert import timm_export
 
 
 def measure_timm(
@@ -66,14 +67,15 @@ def measure_timm(
     for k, v in flax.traverse_util.flatten_dict(dict(params), sep="/").items()
   }
   net = timm_vit.VisionTransformer(
-    **convert.timm_model_args(meta),
+    **timm_export.timm_model_args(meta),
     pos_drop_rate=model.dropout_rate,
     proj_drop_rate=model.dropout_rate,
     attn_drop_rate=model.attention_dropout_rate,
     drop_path_rate=model.stochastic_depth,
   )
   net.load_state_dict(
-    {k: torch.from_numpy(v) for k, v in convert.timm_state_dict(flat, meta).items()}, strict=True
+    {k: torch.from_numpy(v) for k, v in timm_export.timm_state_dict(flat, meta).items()},
+    strict=True,
   )
   net = net.to(device, memory_format=torch.channels_last)
   gen = torch.Generator().manual_seed(0)

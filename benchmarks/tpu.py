@@ -44,12 +44,12 @@ def run_row(model: str, crop: int, slice_name: str, fsdp: bool, num_classes: int
   import jax  # pylint: disable=g-import-not-at-top
 
   from configs import shoes  # pylint: disable=g-import-not-at-top
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import preflight, tpu_slices  # pylint: disable=g-import-not-at-top
 
   config = shoes.get_config(str(crop))
   with config.unlocked():
     config.model_name, config.fsdp = model, fsdp
-  devices = preflight.topology_devices(slice_name)
+  devices = tpu_slices.topology_devices(slice_name)
   t = time.time()
   report = preflight.analyse(config, slice_name, num_classes, devices)
   if not report["fits"]:
@@ -70,9 +70,9 @@ def run_row(model: str, crop: int, slice_name: str, fsdp: bool, num_classes: int
 def _libtpu_version() -> str:
   from importlib import metadata  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import tpu_slices  # pylint: disable=g-import-not-at-top
 
-  path = preflight.libtpu_path()
+  path = tpu_slices.libtpu_path()
   roots = [os.path.dirname(os.path.dirname(path))] if path else None
   for dist in metadata.distributions(path=roots) if roots else metadata.distributions():
     if dist.metadata["Name"] == "libtpu":
@@ -132,10 +132,10 @@ def attention_ab(topology: str, tokens: int, batch: int = 64, heads: int = 12) -
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import tpu_slices  # pylint: disable=g-import-not-at-top
 
   head_dim = 64
-  device = preflight.topology_devices(topology)[0]
+  device = tpu_slices.topology_devices(topology)[0]
 
   def flash(q, k, v, multiple=128):  # the kernel's blocks: tokens padded, padding its own segment
     t = q.shape[1]

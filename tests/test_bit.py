@@ -131,28 +131,28 @@ def test_bit_takes_the_shared_config_model_block_and_refuses_vit_fields():
 
 def test_training_config_with_a_bit_preset_validates(tmp_path):
   from configs import testing  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  from vit_jax import config_checks  # pylint: disable=g-import-not-at-top
 
   config = testing.get_config()
   config.unlock()
   config.dataset, config.model_name = str(tmp_path), "BiT-M-R50x1"
   config.from_scratch, config.pretrained_dir = False, str(tmp_path)
   (tmp_path / "BiT-M-R50x1.npz").touch()
-  train.validate_config(config)
-  assert train.pretrained_path(config) == str(tmp_path / "BiT-M-R50x1.npz")
+  config_checks.validate_config(config)
+  assert config_checks.pretrained_path(config) == str(tmp_path / "BiT-M-R50x1.npz")
 
 
 def test_a_bit_takes_any_image_size_where_a_hybrid_needs_a_multiple_of_its_tokens(tmp_path):
   from configs import testing  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_checks  # pylint: disable=g-import-not-at-top
 
   config = testing.get_config()
   config.unlock()
   config.dataset, config.model_name, config.pp.crop = str(tmp_path), "BiT-tiny", 28
-  train.validate_config(config)  # global pooling: 28 px is fine for a CNN
+  config_checks.validate_config(config)  # global pooling: 28 px is fine for a CNN
   config.model_name = "R+ViT-tiny_8"
-  with pytest.raises(train.ConfigError, match="config.pp.crop=28 is not a multiple"):
-    train.validate_config(config)
+  with pytest.raises(config_checks.ConfigError, match="config.pp.crop=28 is not a multiple"):
+    config_checks.validate_config(config)
 
 
 def test_resnet_override_changes_depths_and_width():

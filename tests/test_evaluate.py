@@ -23,16 +23,10 @@ from sklearn import metrics as skm
 
 from configs import testing as testing_config
 from tests.image_folders import COLORS, write_colour_folder
-from vit_jax import (
-  attention,
-  checkpoint,
-  eval_figures,
-  eval_html,
-  eval_metrics,
-  evaluate,
-  models,
-  train,
-)
+from vit_jax import attention, checkpoint, config_checks, evaluate, models, train
+from vit_jax.evaluation import figures as eval_figures
+from vit_jax.evaluation import html_report
+from vit_jax.evaluation import metrics as eval_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_SLICE = os.path.join(REPO, "tests", "data", "fashion_mnist_slice.npz")
@@ -165,7 +159,7 @@ def test_past_30_classes_the_confusions_are_a_ranked_list_not_a_grid(tmp_path):
     report["top_confusions"],
     str(tmp_path / "confusions.png"),
   )
-  page = eval_html.render(report, dict(confusion_matrix=figure), dict(checkpoint="x"))
+  page = html_report.render(report, dict(confusion_matrix=figure), dict(checkpoint="x"))
   assert 'id="top-confusions"' in page and 'id="confusion-matrix"' not in page
 
 
@@ -407,5 +401,7 @@ def test_best_checkpoint_survives_keep_checkpoints_and_is_exported(run):
 
 
 def test_best_metric_must_be_a_known_evaluation_metric(folder):
-  with pytest.raises(train.ConfigError, match="config.best_metric must be '' .* test_accuracy"):
-    train.validate_config(_config(folder, best_metric="accuracy"))
+  with pytest.raises(
+    config_checks.ConfigError, match="config.best_metric must be '' .* test_accuracy"
+  ):
+    config_checks.validate_config(_config(folder, best_metric="accuracy"))

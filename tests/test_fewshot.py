@@ -283,14 +283,14 @@ def test_training_writes_the_same_few_shot_accuracies_as_the_command_line(tmp_pa
 
 def test_few_shot_config_values_are_named():
   from configs import testing as testing_config
-  from vit_jax import train
+  from vit_jax import config_checks
 
   config = testing_config.get_config()
   config.unlock()
   config.dataset = "fashion_mnist"
   config.fewshot.datasets, config.fewshot.shots = ("fashion_mnist_shoes",), (0, 5)
-  with pytest.raises(train.ConfigError, match=r"config.fewshot.shots must be positive"):
-    train.validate_config(config)
+  with pytest.raises(config_checks.ConfigError, match=r"config.fewshot.shots must be positive"):
+    config_checks.validate_config(config)
 
 
 def test_the_feature_extraction_benchmark_times_every_image(tmp_path):

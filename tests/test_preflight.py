@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import common, testing
-from vit_jax import preflight, program, sharding
+from vit_jax import preflight, program, sharding, tpu_slices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = (
@@ -25,8 +25,8 @@ jax.devices()  # this process's own backend (CPU) first: libtpu below only descr
 
 def devices(name: str) -> list:
   try:
-    return preflight.topology_devices(name)
-  except preflight.PreflightError as e:
+    return tpu_slices.topology_devices(name)
+  except tpu_slices.TopologyError as e:
     if "libtpu" in str(e) or "TPU_LIBRARY_PATH" in str(e):
       pytest.skip(f"libtpu cannot load here: {e}")
     raise
@@ -45,10 +45,10 @@ def preflight_cli(*args: str, env: dict | None = None) -> subprocess.CompletedPr
 
 
 def test_accelerator_types_name_their_topology_and_host_layout():
-  assert preflight.topology_name("v5litepod-16") == "v5e:4x4"
-  assert preflight.topology_name("v4-16") == "v4:2x2x2"  # v4 types count TensorCores
-  assert preflight.topology_name("v5p-8") == "v5p:2x2x1"
-  assert preflight.topology_name("v6e-8") == "v6e:2x4"
+  assert tpu_slices.topology_name("v5litepod-16") == "v5e:4x4"
+  assert tpu_slices.topology_name("v4-16") == "v4:2x2x2"  # v4 types count TensorCores
+  assert tpu_slices.topology_name("v5p-8") == "v5p:2x2x1"
+  assert tpu_slices.topology_name("v6e-8") == "v6e:2x4"
   # As jax sees them on the VMs: v4 megacore (a device per chip); v5e-8 on one host.
   v4 = devices("v4-8")
   assert (len(v4), len({d.process_index for d in v4})) == (4, 1)

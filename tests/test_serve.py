@@ -19,7 +19,9 @@ import requests
 from PIL import Image
 
 from tests.image_folders import write_colour_folder
-from vit_jax import predict, serve_backends, serve_batching
+from vit_jax import predict
+from vit_jax.serve import backends as serve_backends
+from vit_jax.serve import batching as serve_batching
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -16,7 +16,7 @@ from configs import common
 from configs import testing as testing_config
 from tests import npz_fixtures
 from tests.image_folders import COLORS, write_colour_folder
-from vit_jax import checkpoint, models, train
+from vit_jax import checkpoint, config_checks, models, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -296,8 +296,8 @@ def test_bad_config_values_are_named(folder, overrides, message):
       config[k].update(v)
     else:
       config[k] = v
-  with pytest.raises(train.ConfigError, match=message):
-    train.validate_config(config)
+  with pytest.raises(config_checks.ConfigError, match=message):
+    config_checks.validate_config(config)
 
 
 def _model(config, num_classes=3):
@@ -348,8 +348,10 @@ def test_resnet_stem_override_reaches_the_model(folder):
 
 def test_missing_pretrained_file_says_how_to_download_it(folder):
   config = _config(folder, from_scratch=False, pretrained_dir="/nonexistent")
-  with pytest.raises(train.ConfigError, match=r"(?s)/nonexistent/testing\.npz not found.*wget"):
-    train.pretrained_path(config)
+  with pytest.raises(
+    config_checks.ConfigError, match=r"(?s)/nonexistent/testing\.npz not found.*wget"
+  ):
+    config_checks.pretrained_path(config)
 
 
 def test_cli_reports_a_user_error_in_one_line_without_traceback(tmp_path, folder):

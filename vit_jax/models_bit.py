@@ -166,7 +166,7 @@ class BiT(nn.Module):
 
   @property
   def patch_size(self) -> int:
-    """1: a CNN has no patches. What train.validate_config multiplies by the ResNet stride."""
+    """1: a CNN has no patches. What config_checks.validate_config multiplies by the ResNet stride."""
     return 1
 
   @nn.compact

@@ -14,7 +14,6 @@ would pull (accum_steps, model.remat, fsdp) are tried and the first that fits is
 Exit status: 0 fits, 1 does not fit, 2 an `error:` line (topology, config value, libtpu).
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -23,112 +22,15 @@ import sys
 import time
 from typing import Any, Iterator, Optional
 
-# Chip facts the compile-only devices do not carry (they have no memory_stats): HBM per chip and
-# peak bf16 matmul FLOP/s per chip, from Google Cloud's TPU system-architecture pages.
-GIB = 2**30
-CHIPS = {
-  "TPU v4": dict(hbm=32 * GIB, peak_flops=275e12),
-  "TPU v5 lite": dict(hbm=16 * GIB, peak_flops=197e12),
-  "TPU v5": dict(hbm=95 * GIB, peak_flops=459e12),
-  "TPU v6 lite": dict(hbm=32 * GIB, peak_flops=918e12),
-}
-CHIP_SOURCE = "Cloud TPU system architecture pages (vit_jax/preflight.py CHIPS)"
+from vit_jax import tpu_slices
+from vit_jax.tpu_slices import CHIP_SOURCE, CHIPS, GIB
+
 DEFAULT_NUM_CLASSES = 1000
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_INSTALL = "pip install -r requirements-tpu.txt  (libtpu==0.0.42.1, for jax 0.10.2)"
-# scripts/setup.sh installs libtpu here, outside site-packages: only the preflight loads it, so
-# no other command on a CPU machine probes for a TPU (and prints libtpu's warnings).
-_PRIVATE_LIBTPU = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
 
 
 class PreflightError(ValueError):
-  """A topology, config value or missing libtpu; the message says which and what to do."""
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-  """libtpu writes warnings about the absent TPU VM straight to fd 2; they are not the user's."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with open(os.devnull, "w") as null:
-    os.dup2(null.fileno(), 2)
-    try:
-      yield
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-
-
-# Cloud TPU accelerator types -> libtpu topologies. v4 and v5p types count TensorCores (two per
-# chip), v5e (v5litepod) and v6e types count chips; the shapes are Cloud TPU's default ones.
-_CUBES = {
-  4: "2x2x1",
-  8: "2x2x2",
-  16: "2x2x4",
-  32: "2x4x4",
-  64: "4x4x4",
-  128: "4x4x8",
-  256: "4x8x8",
-  512: "8x8x8",
-}
-_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_ACCELERATOR = re.compile(r"^(v4|v5p|v5litepod|v6e)-(\d+)$")
-
-
-def topology_name(name: str) -> str:
-  """libtpu's topology for `name`: an accelerator type ('v5litepod-16' -> 'v5e:4x4', 'v4-16' ->
-  'v4:2x2x2') or already a topology ('v5e:4x4')."""
-  m = _ACCELERATOR.match(name)
-  if not m:
-    return name
-  gen, n = m.group(1), int(m.group(2))
-  shape = _CUBES.get(n // 2) if gen in ("v4", "v5p") else _GRIDS.get(n)
-  if shape is None:
-    raise PreflightError(f"--topology={name!r}: not a Cloud TPU accelerator type this table knows")
-  return f"{dict(v5litepod='v5e').get(gen, gen)}:{shape}"
-
-
-def libtpu_path() -> Optional[str]:
-  """The libtpu.so the preflight loads: $TPU_LIBRARY_PATH, else scripts/setup.sh's install, else
-  None (jax then looks in site-packages)."""
-  path = os.environ.get("TPU_LIBRARY_PATH")
-  if path is None and os.path.exists(_PRIVATE_LIBTPU):
-    path = _PRIVATE_LIBTPU
-  return path
-
-
-def topology_devices(name: str) -> list:
-  """The devices of the TPU slice `name` (libtpu's names: 'v5e:2x4', 'v4:2x2x1', ..., or an
-  accelerator type: 'v5litepod-16'), laid out over hosts as on Cloud TPU VMs."""
-  path = libtpu_path()
-  if path is not None and not os.path.exists(path):
-    raise PreflightError(f"TPU_LIBRARY_PATH={path} does not exist; unset it, or {_INSTALL}")
-  if path is not None:
-    os.environ["TPU_LIBRARY_PATH"] = path
-  # Only compiling: no TPU is opened, so several preflights may load libtpu at once (by default
-  # the second would fail on libtpu's lock file, which guards a TPU against two owners).
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-
-  name = topology_name(name)
-  gen, _, shape = name.partition(":")
-  options: dict[str, Any] = {}
-  if gen == "v4":  # v4 VMs run megacore: one device per chip, as jax sees them there
-    options["chip_config_name"] = "megacore"
-  if gen in ("v5e", "v6e") and shape in ("2x4", "4x2"):  # the 8-chip single-host VMs
-    options["chips_per_host_bounds"] = tuple(map(int, shape.split("x"))) + (1,)
-  try:
-    with _quiet_stderr():
-      topo = topologies.get_topology_desc(platform="tpu", topology_name=name, **options)
-  except RuntimeError as e:
-    if "not installed" in str(e) or "TPU support" in str(e):
-      raise PreflightError(f"libtpu is not installed; {_INSTALL}") from None
-    if isinstance(e, jax.errors.JaxRuntimeError):
-      msg = str(e).split(":", 1)[-1].strip().splitlines()[0]
-      raise PreflightError(f"--topology={name!r}: {msg}") from None
-    raise
-  return list(topo.devices)
+  """A config value the preflight cannot compile; the message says which and what to do."""
 
 
 def _shard_bytes(abstract: Any, shardings: Any) -> int:
@@ -234,13 +136,13 @@ def analyse(config: Any, topology: str, num_classes: int, devices: Optional[list
   """Compiles `config`'s train and eval steps for `topology`; the report as a dict."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  with _quiet_stderr():  # TensorFlow (under train's input pipeline) logs its CPU options at import
-    from vit_jax import program, sharding, train  # pylint: disable=g-import-not-at-top
+  with tpu_slices.quiet_stderr():  # TensorFlow (under the input pipeline) logs at import
+    from vit_jax import config_checks, program, sharding  # pylint: disable=g-import-not-at-top
 
-  devices = devices if devices is not None else topology_devices(topology)
+  devices = devices if devices is not None else tpu_slices.topology_devices(topology)
   try:
-    train.validate_config(config, num_devices=len(devices), needs_data=False)
-  except train.ConfigError as e:
+    config_checks.validate_config(config, num_devices=len(devices), needs_data=False)
+  except config_checks.ConfigError as e:
     raise PreflightError(str(e)) from None
   if config.parallelism != "jit":
     raise PreflightError(
@@ -278,8 +180,8 @@ def analyse(config: Any, topology: str, num_classes: int, devices: Optional[list
   flops = train_step.flops and train_step.flops * config.accum_steps
   model = prog.model
   return dict(
-    topology=topology_name(topology),
-    accelerator_type=topology if topology != topology_name(topology) else None,
+    topology=tpu_slices.topology_name(topology),
+    accelerator_type=topology if topology != tpu_slices.topology_name(topology) else None,
     device_kind=kind,
     chips=chips,
     processes=len({d.process_index for d in devices}),
@@ -448,7 +350,7 @@ def main(argv: list[str]) -> None:
       num_classes = DEFAULT_NUM_CLASSES
       source = "default: the dataset is not readable here; set --num_classes"
   try:
-    devices = topology_devices(FLAGS.topology)
+    devices = tpu_slices.topology_devices(FLAGS.topology)
     report = analyse(config, FLAGS.topology, num_classes, devices)
     report["num_classes_source"] = source
     fix = None if report["fits"] else suggest(config, report, devices)

@@ -5,12 +5,11 @@ state, the step in the state and the rng derived from it: a resumed run computes
 uninterrupted one does. What differs between jit and pmap is `sharding.parallelism`'s object.
 """
 
-import functools
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,254 +19,20 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vit_jax import (
-  checkpoint,
-  fewshot,
-  input_pipeline,
-  metrics,
-  models,
-  models_resnet,
-  program,
-  sharding,
-  steps,
+from vit_jax import checkpoint, fewshot, input_pipeline, metrics, models, program, sharding, steps
+from vit_jax.config_checks import validate_config
+from vit_jax.run_state import (
+  best_checkpoint_manager,
+  checkpoint_manager,
+  export_best,
+  initial_state,
 )
 
 State = steps.State
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
-
-
 class TrainingDiverged(RuntimeError):
   """Loss or gradient norm became NaN or inf."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration.
-
-
-def validate_config(
-  config: ml_collections.ConfigDict, num_devices: Optional[int] = None, needs_data: bool = True
-) -> None:
-  """Checks values up front so that a mistake fails in a second, not after compiling.
-
-  `num_devices`: the devices the run will use (default: this run's `jax.device_count()`);
-  `needs_data=False` skips the dataset check (the preflight compiles shapes only).
-  """
-
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ConfigError(msg)
-
-  need(
-    config.model_name in models.MODEL_CONFIGS,
-    f"config.model_name={config.model_name!r} is unknown; known: {', '.join(models.MODEL_CONFIGS)}",
-  )
-  need(
-    bool(config.dataset) or not needs_data,
-    "config.dataset is empty: set a tfds name, an image folder or "
-    "'fashion_mnist' (--config.dataset=...)",
-  )
-  need(
-    config.parallelism in ("jit", "pmap"),
-    f"config.parallelism must be 'jit' or 'pmap', got {config.parallelism!r}",
-  )
-  need(
-    not (config.fsdp and config.parallelism == "pmap"),
-    "config.fsdp=True needs config.parallelism='jit'",
-  )
-  need(
-    config.optimizer in ("sgd", "adamw"),
-    f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}",
-  )
-  need(
-    config.decay_type in ("cosine", "linear"),
-    f"config.decay_type must be 'cosine' or 'linear', got {config.decay_type!r}",
-  )
-  for field in (
-    "total_steps",
-    "batch",
-    "batch_eval",
-    "accum_steps",
-    "eval_every",
-    "checkpoint_every",
-    "progress_every",
-  ):
-    need(config[field] > 0, f"config.{field} must be positive, got {config[field]}")
-  need(
-    0 <= config.warmup_steps < config.total_steps,
-    f"config.warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps})",
-  )
-  n = jax.device_count() if num_devices is None else num_devices
-  need(config.batch % n == 0, f"config.batch={config.batch} is not divisible by the {n} devices")
-  need(
-    (config.batch // n) % config.accum_steps == 0,
-    f"the per-device batch {config.batch // n} (config.batch={config.batch} over {n} devices)"
-    f" is not divisible by config.accum_steps={config.accum_steps}",
-  )
-  need(
-    config.batch_eval % n == 0,
-    f"config.batch_eval={config.batch_eval} is not divisible by the {n} devices",
-  )
-  need(
-    config.best_metric in ("",) + tuple(BEST_MODES),
-    f"config.best_metric must be '' (off) or one of {', '.join(BEST_MODES)}, got "
-    f"{config.best_metric!r}",
-  )
-  if config.fewshot.datasets:
-    shots = tuple(config.fewshot.shots)
-    need(
-      bool(shots) and all(isinstance(k, int) and k > 0 for k in shots),
-      f"config.fewshot.shots must be positive integers, got {shots}",
-    )
-    need(
-      config.fewshot.seeds > 0, f"config.fewshot.seeds must be positive, got {config.fewshot.seeds}"
-    )
-    need(
-      config.fewshot.every >= 0, f"config.fewshot.every must be >= 0, got {config.fewshot.every}"
-    )
-  try:
-    model = models.get_model(config.model_name, 1, **config.model)
-  except ValueError as e:
-    raise ConfigError(f"config.model.{e}") from None
-  # A hybrid cuts its patches from the stem's feature map: pixels per token = patch * stride.
-  # A CNN (BiT) takes any size.
-  patch = model.patch_size * models_resnet.stem_stride(model.resnet)
-  need(
-    models.is_bit(model) or config.pp.crop % patch == 0,
-    f"config.pp.crop={config.pp.crop} is not a multiple of {config.model_name}'s "
-    f"{'patch size' if model.resnet is None else 'pixels per token (patch x ResNet stride)'} "
-    f"{patch}",
-  )
-
-
-def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
-  """The `.npz` to start from, or None with `from_scratch`; a missing file is a ConfigError."""
-  if config.from_scratch:
-    return None
-  path = config.pretrained_path or os.path.join(config.pretrained_dir, f"{config.model_name}.npz")
-  if not os.path.exists(path):
-    raise ConfigError(
-      f"pretrained checkpoint {path} not found. Download the original file:\n"
-      f"  wget -P {config.pretrained_dir} {models.pretrained_url(config.model_name)}\n"
-      f"(see checkpoints/README.md), set --config.pretrained_path, or "
-      f"train from random weights with --config.from_scratch=True"
-    )
-  return path
-
-
-# ---------------------------------------------------------------------------------------------
-# State: creation and the resume ladder.
-
-
-def checkpoint_manager(directory: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=config.keep_checkpoints, enable_async_checkpointing=config.async_checkpoints
-  )
-  return ocp.CheckpointManager(
-    os.path.abspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
-  )
-
-
-# --- config.best_metric and config.report (the evaluation hooks) ------------------------------
-
-BEST_MODES = {"test_accuracy": "max", "test_loss": "min"}  # config.best_metric -> orbax best_mode
-
-
-def best_checkpoint_manager(workdir: str, config) -> Optional[ocp.CheckpointManager]:
-  """WORKDIR/checkpoints_best/: the one checkpoint with the best `config.best_metric`, None when
-  that is off. A manager of its own, so that `keep_checkpoints` (the latest, for resuming) never
-  deletes the best; orbax stores the metric with the step, so a resumed run still knows it."""
-  if not config.best_metric:
-    return None
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=1,
-    best_fn=lambda m: m[config.best_metric],
-    best_mode=BEST_MODES[config.best_metric],
-    enable_async_checkpointing=config.async_checkpoints,
-  )
-  return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, "checkpoints_best")),
-    options=options,
-    item_handlers=ocp.StandardCheckpointHandler(),
-  )
-
-
-def export_best(
-  best_mngr: ocp.CheckpointManager, target: State, path: str, metadata: dict[str, Any], metric: str
-) -> int:
-  """Writes the best checkpoint's params to `path` (.npz + .json); returns its step."""
-  step = best_mngr.best_step()
-  params = sharding.to_host(
-    best_mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
-  )
-  if jax.process_index() == 0:
-    checkpoint.save_npz(params, path, metadata=dict(metadata, best_step=step, best_metric=metric))
-  return step
-
-
-# --- end of the evaluation hooks ---------------------------------------------------------------
-
-
-def _resume_dir(path: str) -> str:
-  """config.resume may name a workdir, its checkpoints/ folder, or one step folder."""
-  path = os.path.normpath(path)
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "default")):
-    return path  # a step folder holds no numbered folders itself: the loop below misses it
-  for candidate in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
-      return candidate
-  raise ConfigError(
-    f"config.resume={path!r}: no orbax checkpoints there (expected a workdir, "
-    "its checkpoints/ folder, or a step folder)"
-  )
-
-
-def initial_state(
-  config, model, tx, mngr: ocp.CheckpointManager, abstract: State, shardings: Any
-) -> tuple[State, str]:
-  """The resume ladder. Returns the starting state (global arrays with `shardings`) and where it
-  came from: 1. the workdir's latest checkpoint; 2. `config.resume`; 3. the pretrained `.npz`
-  (the step stays 0); 4. random weights with `config.from_scratch`."""
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
-  latest = mngr.latest_step()
-  if latest is not None:
-    state = mngr.restore(latest, args=ocp.args.StandardRestore(target))
-    return state, f"resumed from {mngr.directory}/{latest}"
-  if config.resume:
-    other = _resume_dir(config.resume)
-    if os.path.basename(os.path.normpath(other)).isdigit():
-      step_dir = os.path.normpath(other)
-      other, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
-    else:
-      step = None
-    omngr = checkpoint_manager(other, config)
-    step = omngr.latest_step() if step is None else step
-    state = omngr.restore(step, args=ocp.args.StandardRestore(target))
-    return state, f"resumed from config.resume={other}/{step}"
-
-  init_fn = functools.partial(
-    steps.init_state, model=model, tx=tx, image_size=config.pp.crop, seed=config.seed
-  )
-  path = pretrained_path(config)
-  if path is None:
-    state = jax.jit(init_fn, out_shardings=shardings)()
-    return state, "random initialisation (config.from_scratch)"
-  init_params = sharding.to_host(
-    jax.jit(lambda: init_fn()["params"], out_shardings=shardings["params"])()
-  )
-  params = checkpoint.load_pretrained(
-    pretrained_path=path, init_params=init_params, model_config=model
-  )
-  params = sharding.put_global(params, shardings["params"])
-  state = jax.jit(
-    lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-    out_shardings=shardings,
-  )(params)
-  return state, f"pretrained {path}"
 
 
 # ---------------------------------------------------------------------------------------------

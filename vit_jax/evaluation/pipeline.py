@@ -20,18 +20,10 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from configs import common
-from vit_jax import (
-  attention,
-  data_sources,
-  eval_figures,
-  eval_html,
-  eval_metrics,
-  forward,
-  input_pipeline,
-  models,
-  predict,
-  preprocess,
-)
+from vit_jax import attention, data_sources, forward, input_pipeline, models, predict, preprocess
+from vit_jax.evaluation import figures as eval_figures
+from vit_jax.evaluation import html_report
+from vit_jax.evaluation import metrics as eval_metrics
 
 NUM_ATTENTION_IMAGES = 4
 NUM_MISTAKES = 12
@@ -294,7 +286,7 @@ def write_report(
     output_dir, report, arrays, info, model, params, config, int(meta["image_size"]), workdir
   )
   with open(os.path.join(output_dir, "report.html"), "w") as f:
-    f.write(eval_html.render(report, figures, source))
+    f.write(html_report.render(report, figures, source))
   logging.info(
     "evaluation of %d examples: accuracy %.4f; report in %s",
     report["count"],

@@ -1,27 +1,13 @@
-r"""The recognizer: a web page and a JSON API that classify photos with one loaded model.
+"""The recognizer's FastAPI app: the page, /healthz, /api/info, /api/predict, /api/attention.
 
-  python -m vit_jax.serve --checkpoint workdirs/demo/finetune [--host 127.0.0.1] [--port 8000] \
-      [--top_k 5] [--max_batch 32] [--max_upload_mb 10] [--backend jax|torch|onnx]
-
-The model loads once (a bad checkpoint: one `error:` line, exit 2), then the server listens and
-compiles every batch size it will use; GET /healthz answers 503 until that is done, then 200.
-
-  GET  /             the page: pick or drop a photo, see the top-k classes as bars
-  GET  /healthz      {"status": "ok", "model_name", "forward_passes"} (503 while warming up)
-  GET  /api/info     {"model_name", "backend", "image_size", "class_names", "top_k"}
-  POST /api/predict  multipart, field `file` (one or more): {"predictions": [[{"label",
-                     "probability"}, ...], ...]} in upload order
-
-A bad upload (not an image, truncated, empty, enormous declared dimensions, over
---max_upload_mb) gets a 4xx {"error": "..."} naming the file and the problem; nothing in a
-request names a path on the server. Concurrent requests are batched (serve_batching).
+A bad upload (not an image, truncated, empty, enormous declared dimensions, over max_upload_mb)
+gets a 4xx {"error": "..."} naming the file and the problem; nothing in a request names a path on
+the server. Concurrent requests are batched (`batching`).
 """
 
-import argparse
 import os
-import sys
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -39,7 +25,7 @@ def create_app(
   warm: bool = True,
   examples: Optional[str] = None,
 ) -> Any:
-  """The FastAPI app serving `backend` (serve_backends.Backend). `warm=False` leaves warming
+  """The FastAPI app serving `backend` (backends.Backend). `warm=False` leaves warming
   to `app.state.warm_up()` (the CLI runs it in a thread while /healthz answers 503). `examples`:
   a folder whose images the page offers as sample photos (listed once, at start)."""
   # Imported here so that `--help` and argument errors answer without loading the web stack.
@@ -47,15 +33,11 @@ def create_app(
   from fastapi import responses  # pylint: disable=g-import-not-at-top
   from starlette import concurrency  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import (  # pylint: disable=g-import-not-at-top
-    predict,
-    serve_batching,
-    serve_page,
-    serve_uploads,  # pylint: disable=g-import-not-at-top
-  )
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  from vit_jax.serve import batching, page, uploads  # pylint: disable=g-import-not-at-top
 
   app = fastapi.FastAPI(title="ViT recognizer", docs_url=None, redoc_url=None)
-  batcher = serve_batching.Batcher(backend, max_batch=max_batch)
+  batcher = batching.Batcher(backend, max_batch=max_batch)
   ready = threading.Event()
   limit = int(max_upload_mb * 1024 * 1024)
   k = max(1, min(top_k, len(backend.class_names)))
@@ -79,8 +61,8 @@ def create_app(
     return error(500, f"internal error: {type(exc).__name__}")
 
   @app.get("/", response_class=responses.HTMLResponse)
-  async def page():
-    return serve_page.PAGE
+  async def index():
+    return page.PAGE
 
   @app.get("/healthz")
   async def healthz():
@@ -114,7 +96,7 @@ def create_app(
     return responses.FileResponse(example_files[name])
 
   def prepare(name: str, data: bytes) -> np.ndarray:
-    return predict.preprocess(serve_uploads.decode(name, data), size)
+    return predict.preprocess(uploads.decode(name, data), size)
 
   @app.post("/api/predict")
   async def predict_endpoint(request: fastapi.Request):
@@ -140,7 +122,7 @@ def create_app(
         return error(413, f"{name}: larger than the limit of {max_upload_mb:g} MB")
       try:
         images.append(await concurrency.run_in_threadpool(prepare, name, data))
-      except serve_uploads.UploadError as e:
+      except uploads.UploadError as e:
         return error(400, str(e))
     probs = await batcher.predict(np.stack(images))
     best = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
@@ -168,79 +150,9 @@ def create_app(
       return error(413, f"{name}: larger than the limit of {max_upload_mb:g} MB")
     try:
       image = await concurrency.run_in_threadpool(prepare, name, data)
-    except serve_uploads.UploadError as e:
+    except uploads.UploadError as e:
       return error(400, str(e))
     heat = await concurrency.run_in_threadpool(backend.attention_map, image)
-    return responses.Response(serve_uploads.overlay_png(image, heat), media_type="image/png")
+    return responses.Response(uploads.overlay_png(image, heat), media_type="image/png")
 
   return app
-
-
-def _positive(kind: type):
-  def parse(value: str):
-    if kind(value) <= 0:
-      raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return kind(value)
-
-  return parse
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  from vit_jax import serve_backends  # pylint: disable=g-import-not-at-top
-
-  parser = argparse.ArgumentParser(
-    prog="python -m vit_jax.serve", description=__doc__.split("\n\n")[0]
-  )
-  parser.add_argument(
-    "--checkpoint",
-    required=True,
-    help="jax: .npz, training workdir or orbax step; torch: timm export folder; onnx: .onnx file",
-  )
-  parser.add_argument("--backend", default="jax", choices=serve_backends.BACKENDS)
-  parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-  parser.add_argument("--port", type=int, default=8000)
-  parser.add_argument("--top_k", type=_positive(int), default=5, help="classes per photo")
-  parser.add_argument(
-    "--max_batch", type=_positive(int), default=32, help="most images in one forward pass"
-  )
-  parser.add_argument(
-    "--max_upload_mb", type=_positive(float), default=10.0, help="largest accepted file"
-  )
-  parser.add_argument("--examples", default=None, help="folder of sample photos for the page")
-  args = parser.parse_args(argv)
-  if args.examples and not os.path.isdir(args.examples):
-    print(f"error: --examples={args.examples}: no such folder", file=sys.stderr)
-    return 2
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
-    backend = serve_backends.load_backend(args.backend, args.checkpoint)
-  except serve_backends.BackendError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  import uvicorn  # pylint: disable=g-import-not-at-top
-
-  app = create_app(
-    backend,
-    backend_name=args.backend,
-    top_k=args.top_k,
-    max_batch=args.max_batch,
-    max_upload_mb=args.max_upload_mb,
-    warm=False,
-    examples=args.examples,
-  )
-
-  def warm_and_announce() -> None:
-    app.state.warm_up()
-    print(
-      f"ready: http://{args.host}:{args.port}/ ({backend.model_name}, {args.backend}, "
-      f"{len(backend.class_names)} classes)",
-      flush=True,
-    )
-
-  threading.Thread(target=warm_and_announce, name="warm-up", daemon=True).start()
-  uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -5,7 +5,7 @@ import base64
 import html
 from typing import Any, Mapping, Optional
 
-from vit_jax import eval_figures
+from vit_jax.evaluation import figures as eval_figures
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
