@@ -8,24 +8,51 @@ typo on the command line (`--config.totl_steps=10`) is an error, not a silently 
 import ml_collections
 from ml_collections import config_dict
 
-# name -> (what `config.dataset` becomes, crop, total_steps, train split, test split, classes).
-# Splits use tfds syntax; for folders and Fashion-MNIST only 'train'/'test' are meaningful.
+# name -> (what `config.dataset` becomes, crop, total_steps, train / val / test splits, classes).
+# Splits use tfds syntax; folders and Fashion-MNIST know 'train'/'test', and take val from a
+# val/ folder or config.val_fraction of train (val ''). The tfds presets hold out part of train
+# as the anchors do (big_vision's minival, the original presets' train[98%:]).
 DATASET_PRESETS = {
   "shoes": dict(dataset="data/shoes", crop=224, total_steps=2_000, train="train", test="test"),
   "cifar10": dict(
-    dataset="cifar10", crop=384, total_steps=10_000, train="train[:98%]", test="test"
+    dataset="cifar10",
+    crop=384,
+    total_steps=10_000,
+    train="train[:98%]",
+    val="train[98%:]",
+    test="test",
   ),
   "cifar100": dict(
-    dataset="cifar100", crop=384, total_steps=10_000, train="train[:98%]", test="test"
+    dataset="cifar100",
+    crop=384,
+    total_steps=10_000,
+    train="train[:98%]",
+    val="train[98%:]",
+    test="test",
   ),
   "oxford_iiit_pet": dict(
-    dataset="oxford_iiit_pet", crop=384, total_steps=500, train="train[:90%]", test="test"
+    dataset="oxford_iiit_pet",
+    crop=384,
+    total_steps=500,
+    train="train[:90%]",
+    val="train[90%:]",
+    test="test",
   ),
   "oxford_flowers102": dict(
-    dataset="oxford_flowers102", crop=384, total_steps=500, train="train", test="test"
+    dataset="oxford_flowers102",
+    crop=384,
+    total_steps=500,
+    train="train",
+    val="validation",
+    test="test",
   ),
   "food101": dict(
-    dataset="food101", crop=384, total_steps=10_000, train="train[:99%]", test="validation"
+    dataset="food101",
+    crop=384,
+    total_steps=10_000,
+    train="train[:99%]",
+    val="train[99%:]",
+    test="validation",
   ),
   "fashion_mnist": dict(
     dataset="fashion_mnist", crop=32, total_steps=3_000, train="train", test="test"
@@ -91,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = ""  # a tfds name, an image-folder path, or "fashion_mnist"
   config.classes = ()  # (ours) keep only these class names, relabelled 0..K-1 (empty: all)
   config.test_fraction = 0.2  # (ours) test share when a folder has no train/ and test/ split
+  # (ours) validation share of train, per class, when there is no val/ folder or config.pp.val;
+  # 0: no validation split (then no evaluation during training, and no best_metric)
+  config.val_fraction = 0.1
   config.tfds_data_dir = ""
   config.tfds_manual_dir = ""
   config.tfds_download = False  # (ours) off: an offline tfds download hangs for minutes
@@ -103,6 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pp = ml_collections.ConfigDict(
     dict(
       train="train",
+      val="",  # a tfds split ("train[98%:]", "validation"); "": val/ or config.val_fraction
       test="test",
       crop=224,  # training and evaluation resolution
       eval_resize=0,  # (ours) >crop: resize to this, then central crop; 0: resize to crop
@@ -115,6 +146,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Optimisation ---------------------------------------------------------------------------
   config.total_steps = 10_000
+  # (ours) train for this many epochs instead: total_steps = ceil(epochs * train / batch) (set
+  # total_steps=0); warmup_epochs likewise replaces warmup_steps
+  config.num_epochs = 0.0
+  config.warmup_epochs = 0.0
   config.batch = 512  # global batch, over all processes and devices
   config.batch_eval = 512
   config.accum_steps = 1  # gradient-accumulation micro-steps per update
@@ -141,9 +176,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2  # (ours) orbax max_to_keep
   config.async_checkpoints = True  # (ours)
   config.export_npz = True  # (ours) write params.npz in the original format at the end
-  # (ours) "test_accuracy" or "test_loss": also keep the best evaluation's checkpoint in
-  # checkpoints_best/ (beside the latest ones) and export it as best_params.npz; "": off
+  # (ours) "val_accuracy" or "val_loss": also keep the best evaluation's checkpoint in
+  # checkpoints_best/ (beside the latest ones) and export it as best_params.npz; "": off.
+  # Chosen on validation; the test split is read once, at the end.
   config.best_metric = ""
+  # (ours) stop after this many evaluations without improvement of best_metric (0: off)
+  config.early_stop_patience = 0
   config.report = False  # (ours) write the evaluation report (vit_jax.evaluate) to WORKDIR/report
   # (ours) few-shot linear evaluation of the features (vit_jax.fewshot), as big_vision runs it
   # during pretraining: on each dataset (a DATASET_PRESETS name or an image folder) at the
@@ -165,6 +203,7 @@ def with_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections
   config.pp.crop = preset["crop"]
   config.total_steps = preset["total_steps"]
   config.pp.train = preset["train"]
+  config.pp.val = preset.get("val", "")
   config.pp.test = preset["test"]
   config.classes = tuple(preset.get("classes", ()))
   return config
@@ -179,7 +218,8 @@ def with_dataset_or_folder(
   if dataset in DATASET_PRESETS:
     with_dataset(config, dataset)
   else:
-    config.dataset, config.classes, config.pp.train, config.pp.test = dataset, (), "train", "test"
+    config.dataset, config.classes = dataset, ()
+    config.pp.train, config.pp.val, config.pp.test = "train", "", "test"
   config.pp.crop = crop
   return config
 

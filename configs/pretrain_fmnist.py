@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_eval = 500
   config.total_steps = 1_500
   config.warmup_steps = 100
+  # No model selection in pretraining: all 7 classes' train images train, test is read at the end.
+  config.val_fraction = 0.0
   config.eval_every = 500
   config.checkpoint_every = 500
   config.progress_every = 100

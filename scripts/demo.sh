@@ -80,7 +80,8 @@ fi
 mkdir -p "$WORKDIR"
 
 # stage NAME FUNCTION: runs FUNCTION unless WORKDIR/NAME/stage.json says that it finished; records
-# there its wall-clock seconds, its commands and (a training stage) its last test accuracy.
+# there its wall-clock seconds, its commands and (a training stage) its test accuracy, read once at
+# the end, and the step and split that chose its best checkpoint.
 stage() {
   local name=$1 marker="$WORKDIR/$1/stage.json" t0
   if [ -f "$marker" ]; then
@@ -155,7 +156,8 @@ stage fewshot fewshot
 # --- 4. Predict on held-out test images, written as PNG files ---------------------------------------
 predict() {
   run "$PY" scripts/demo_tools.py samples "$WORKDIR/samples" ${DEMO_FMNIST_DIR:+"$DEMO_FMNIST_DIR"}
-  run "$PY" -m vit_jax.predict --checkpoint "$WORKDIR/finetune" --json "$WORKDIR/samples" \
+  run "$PY" -m vit_jax.predict --checkpoint "$WORKDIR/finetune/best_params.npz" \
+      --json "$WORKDIR/samples" \
       > "$WORKDIR/predict/predictions.json"
   "$PY" scripts/demo_tools.py show "$WORKDIR/predict/predictions.json" |
       tee "$WORKDIR/predict/predictions.txt"
@@ -164,11 +166,11 @@ stage predict predict
 
 # --- 5. Convert to PyTorch (timm) ------------------------------------------------------------------
 convert() {
-  run "$PY" scripts/convert_to_pytorch.py --checkpoint "$WORKDIR/finetune/params.npz" \
+  run "$PY" scripts/convert_to_pytorch.py --checkpoint "$WORKDIR/finetune/best_params.npz" \
       --format timm --output "$WORKDIR/convert/timm"
 }
 stage convert convert
 
 # --- Summary ---------------------------------------------------------------------------------------
 "$PY" scripts/demo_tools.py summary "$WORKDIR" "$PRETRAINED" "$T0" "$QUICK"
-echo "== try it: $PY -m vit_jax.serve --checkpoint $WORKDIR/finetune --examples $WORKDIR/samples   (then open http://127.0.0.1:8000/)"
+echo "== try it: $PY -m vit_jax.serve --checkpoint $WORKDIR/finetune/best_params.npz --examples $WORKDIR/samples   (then open http://127.0.0.1:8000/)"

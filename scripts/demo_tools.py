@@ -33,16 +33,32 @@ def write_stage(folder: str, start_time: float) -> dict[str, Any]:
   metrics = os.path.join(folder, "metrics.jsonl")
   if os.path.exists(metrics):
     with open(metrics) as f:
-      evals = [r for r in map(json.loads, f) if "test_accuracy" in r]
+      # Once, at the end: test_* (the final params) and best_test_* (the best) are two rows.
+      evals = [r for r in map(json.loads, f) if "test_accuracy" in r or "best_test_accuracy" in r]
     if evals:
+      last = {k: v for row in evals for k, v in row.items()}
+      # The model the demo goes on with: the best validation checkpoint when there is one.
       record.update(
-        test_accuracy=evals[-1]["test_accuracy"],
-        step=evals[-1]["step"],
-        test_count=int(evals[-1]["test_count"]),
+        test_accuracy=last.get("best_test_accuracy", last["test_accuracy"]),
+        final_test_accuracy=last["test_accuracy"],
+        step=last["step"],
+        test_count=int(last["test_count"]),
       )
+  best = os.path.join(folder, "best_params.json")
+  if os.path.exists(best):
+    meta = _read_json(best)
+    record["chosen"] = dict(
+      metric=meta["best_metric"], split=meta["chosen_on"], step=meta["best_step"]
+    )
   with open(os.path.join(folder, "stage.json"), "w") as f:
     json.dump(record, f, indent=2)
   accuracy = f", test accuracy {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+  if "chosen" in record:
+    c = record["chosen"]
+    accuracy += (
+      f" (best_params.npz: chosen by {c['metric']} on the {c['split']} split, step "
+      f"{c['step']} of {record['step']})"
+    )
   print(f"== {os.path.basename(folder)}: done in {record['seconds']:.0f} s{accuracy}")
   return record
 
@@ -102,6 +118,9 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
     scratch_test_accuracy=stages["scratch"]["test_accuracy"],
     pretrain_test_accuracy=stages["pretrain"]["test_accuracy"],
     test_count=stages["finetune"]["test_count"],
+    # what chose the fine-tuned model: {metric, split, step}; test was read once, at the end
+    chosen=stages["finetune"].get("chosen"),
+    final_test_accuracy=stages["finetune"].get("final_test_accuracy"),
     # linear few-shot accuracy of the frozen features, mean over seeds (fractions, as above)
     fewshot={s: {k: r["mean"] for k, r in t["shots"].items()} for s, t in tables.items()},
     fewshot_std={s: {k: r["std"] for k, r in t["shots"].items()} for s, t in tables.items()},
@@ -113,7 +132,7 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
     sample_predictions_correct=f"{correct}/{len(predictions)}",
     paths=dict(
       pretrained_checkpoint=pretrained,
-      finetuned_npz=os.path.join(workdir, "finetune", "params.npz"),
+      finetuned_npz=os.path.join(workdir, "finetune", "best_params.npz"),
       scratch_npz=os.path.join(workdir, "scratch", "params.npz"),
       samples=os.path.join(workdir, "samples"),
       predictions=os.path.join(workdir, "predict", "predictions.json"),
@@ -129,9 +148,11 @@ def write_summary(workdir: str, pretrained: str, start_time: float, quick: bool)
     f"  pretrained, 7 non-footwear classes:      test accuracy "
     f"{summary['pretrain_test_accuracy']:.4f}"
   )
+  chosen = summary["chosen"] or {}
   print(
     f"  fine-tuned on the 3 footwear classes:    test accuracy "
-    f"{summary['test_accuracy']:.4f} ({summary['test_count']} images)"
+    f"{summary['test_accuracy']:.4f} ({summary['test_count']} images; the checkpoint chosen by "
+    f"{chosen.get('metric')} on the {chosen.get('split')} split, step {chosen.get('step')})"
   )
   print(
     f"  same fine-tuning from random weights:    test accuracy "

@@ -51,22 +51,26 @@ def _config(dataset, **overrides):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  """3 colour classes, 24 train and 7 test JPEGs each; the test class folders rotated."""
+  """3 colour classes, 24 train, 4 val and 7 test JPEGs each; the val and test class folders
+  rotated, so that learning the colours raises the val and test losses."""
   root = pathlib.Path(write_colour_folder(tmp_path_factory.mktemp("colours")))
+  write_colour_folder(root / "extra", train_per_class=4, test_per_class=0)
+  os.rename(root / "extra" / "train", root / "val")
   names = sorted(COLORS)
-  for name in names:
-    os.rename(root / "test" / name, root / "test" / f"_{name}")
-  for old, new in zip(names, names[1:] + names[:1]):
-    os.rename(root / "test" / f"_{old}", root / "test" / new)
+  for split in ("val", "test"):
+    for name in names:
+      os.rename(root / split / name, root / split / f"_{name}")
+    for old, new in zip(names, names[1:] + names[:1]):
+      os.rename(root / split / f"_{old}", root / split / new)
   return str(root)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, folder):
   """The `testing` model, 12 steps, evaluated at 4, 8, 12; the latest checkpoint kept, the best
-  (lowest test loss) apart; the report written at the end. Returns (workdir, summary)."""
+  (lowest val loss) apart; the report written at the end. Returns (workdir, summary)."""
   workdir = str(tmp_path_factory.mktemp("run") / "workdir")
-  config = _config(folder, report=True, best_metric="test_loss", eval_every=4, keep_checkpoints=1)
+  config = _config(folder, report=True, best_metric="val_loss", eval_every=4, keep_checkpoints=1)
   return workdir, train.train_and_evaluate(config, workdir)
 
 
@@ -389,7 +393,7 @@ def test_rollout_maps_equal_a_direct_numpy_computation(name, image_size, overrid
 def test_best_checkpoint_survives_keep_checkpoints_and_is_exported(run):
   workdir, summary = pathlib.Path(run[0]), run[1]
   with open(workdir / "metrics.jsonl") as f:
-    losses = {m["step"]: m["test_loss"] for m in map(json.loads, f) if "test_loss" in m}
+    losses = {m["step"]: m["val_loss"] for m in map(json.loads, f) if "val_loss" in m}
   best = min(losses, key=losses.get)
   assert sorted(losses) == [4, 8, 12] and best < 12  # the run is built so: the best is early
   assert os.listdir(workdir / "checkpoints") == ["12"]  # keep_checkpoints=1: the latest only
@@ -402,6 +406,6 @@ def test_best_checkpoint_survives_keep_checkpoints_and_is_exported(run):
 
 def test_best_metric_must_be_a_known_evaluation_metric(folder):
   with pytest.raises(
-    config_checks.ConfigError, match="config.best_metric must be '' .* test_accuracy"
+    config_checks.ConfigError, match="config.best_metric must be '' .* val_accuracy"
   ):
     config_checks.validate_config(_config(folder, best_metric="accuracy"))

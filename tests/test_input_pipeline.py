@@ -106,17 +106,18 @@ def test_train_test_layout_gives_sorted_class_names_and_counts(tmp_path):
   info = input_pipeline.get_dataset_info(make_config(tmp_path / "data"))
   assert info.class_names == ("ant", "mole", "zebra")
   assert info.num_classes == 3
-  assert info.num_examples == {"train": 9, "test": 6}
+  # val: config.val_fraction (0.1) of train per class, one at least.
+  assert info.num_examples == {"train": 6, "val": 3, "test": 6}
 
 
 def test_single_tree_is_split_by_test_fraction_disjointly(tmp_path):
   make_folder(tmp_path / "data", classes=("a", "b"), per_class=(100,), split_layout=False)
   config = make_config(tmp_path / "data", test_fraction=0.25)
   info = input_pipeline.get_dataset_info(config)
-  train = set(info.source.splits["train"].data)
-  test = set(info.source.splits["test"].data)
-  assert not train & test and len(train | test) == 200
-  assert 0.15 < len(test) / 200 < 0.35
+  train, val, test = (set(info.source.splits[s].data) for s in ("train", "val", "test"))
+  assert not train & test and not train & val and not val & test
+  assert len(train | val | test) == 200
+  assert 0.15 < len(test) / 200 < 0.35 and 0.05 < len(val) / len(train | val) < 0.15
 
 
 def test_single_tree_split_keeps_files_in_their_split_when_files_are_added(tmp_path):
@@ -126,8 +127,10 @@ def test_single_tree_split_keeps_files_in_their_split_when_files_are_added(tmp_p
   for path in (tmp_path / "more").rglob("*.png"):
     path.rename(root / path.parent.name / f"new_{path.name}")
   after = input_pipeline.get_dataset_info(make_config(root)).source.splits
-  for split in ("train", "test"):
-    assert set(before[split].data) <= set(after[split].data)
+  assert set(before["test"].data) <= set(after["test"].data)
+  # val keeps its exact per-class share, so a file may move between train and val, never to test.
+  fit = [set(splits["train"].data) | set(splits["val"].data) for splits in (before, after)]
+  assert fit[0] <= fit[1]
 
 
 def test_image_extensions_are_case_insensitive_and_other_files_ignored(tmp_path):
@@ -137,18 +140,20 @@ def test_image_extensions_are_case_insensitive_and_other_files_ignored(tmp_path)
   write_image(root / "test" / "x" / "t.jpg")
   (root / "train" / "x" / "notes.txt").write_text("not an image")
   (root / "README.md").write_text("top-level files are not classes")
-  info = input_pipeline.get_dataset_info(make_config(root))
-  assert info.num_examples == {"train": 7, "test": 1}
-  batch = train_batches(make_config(root, batch=7), 1)[0]
+  info = input_pipeline.get_dataset_info(make_config(root, val_fraction=0.0))
+  assert info.num_examples == {"train": 7, "val": 0, "test": 1}
+  batch = train_batches(make_config(root, batch=7, val_fraction=0.0), 1)[0]
   assert batch["image"].shape == (7, 16, 16, 3)
 
 
 def test_config_classes_keeps_those_classes_relabelled_in_given_order(tmp_path):
   root = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=(2, 1), solid=True)
-  config = make_config(root, classes=("c", "a"), batch=4, inception_crop=False, flip=False)
+  config = make_config(
+    root, classes=("c", "a"), batch=4, inception_crop=False, flip=False, val_fraction=0.0
+  )
   info = input_pipeline.get_dataset_info(config)
   assert info.class_names == ("c", "a")
-  assert info.num_examples == {"train": 4, "test": 2}
+  assert info.num_examples == {"train": 4, "val": 0, "test": 2}
   batch = train_batches(config, 1)[0]
   # Ids 1-3 are class a (train, train, test), ids 7-9 class c.
   assert {i: l for i, l in zip(ids_of(batch), batch["label"])} == {1: 1, 2: 1, 7: 0, 8: 0}
@@ -238,7 +243,7 @@ def test_eval_images_are_resized_then_centre_cropped(tmp_path):
   for split in ("train", "test"):
     (root / split / "a").mkdir(parents=True)
     Image.fromarray(pixels).save(root / split / "a" / "0.png")
-  batch = eval_batches(make_config(root, eval_resize=32, batch_eval=1))[0]
+  batch = eval_batches(make_config(root, eval_resize=32, batch_eval=1, val_fraction=0.0))[0]
   image = batch["image"][0]
   assert image.shape == (16, 16, 3)
   np.testing.assert_allclose(image[:, :7], -1.0)
@@ -268,7 +273,7 @@ def test_training_data_is_a_function_of_the_seed(mixed_folder):
 
 def test_epochs_are_reshuffled_and_each_covers_the_split_once(tmp_path):
   root = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=(4, 1), solid=True)
-  config = make_config(root, batch=4, inception_crop=False, flip=False)
+  config = make_config(root, batch=4, inception_crop=False, flip=False, val_fraction=0.0)
   epochs = [sum((ids_of(b) for b in train_batches(config, 6)[k : k + 3]), []) for k in (0, 3)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == [1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14]
   assert epochs[0] != epochs[1]
@@ -335,7 +340,7 @@ def test_eval_covers_every_test_example_once_with_equal_batch_counts(tmp_path, c
   root = make_folder(
     tmp_path / "data", classes=("a", "b", "c", "d", "e", "f", "g"), per_class=(1, 1), solid=True
   )
-  config = make_config(root, batch_eval=2 * count)
+  config = make_config(root, batch_eval=2 * count, val_fraction=0.0)
   info = input_pipeline.get_dataset_info(config)
   expected = input_pipeline.num_eval_batches(config, info, process_count=count)
   ids = []
@@ -390,7 +395,8 @@ def folder_with_bad_files(tmp_path):
 def test_bad_files_are_skipped_with_a_warning_naming_each(folder_with_bad_files, caplog):
   with caplog.at_level(logging.WARNING):
     info = input_pipeline.get_dataset_info(make_config(folder_with_bad_files))
-  assert info.num_examples == {"train": 6, "test": 4}
+  # 9 cat files, 6 of them bad: held-out val files can be bad ones too.
+  assert info.num_examples == {"train": 5, "val": 1, "test": 4}
   for name in BAD_FILES:
     assert str(folder_with_bad_files / "train" / "cat" / name) in caplog.text
   assert f"Skipped {len(BAD_FILES)} unreadable image file(s)" in caplog.text
@@ -407,11 +413,15 @@ def test_strict_images_makes_a_bad_file_an_error_naming_it(tmp_path, name):
 
 def test_a_repaired_file_is_checked_again(folder_with_bad_files):
   config = make_config(folder_with_bad_files)
-  assert input_pipeline.get_dataset_info(config).num_examples["train"] == 6
+
+  def readable(info):
+    return info.num_examples["train"] + info.num_examples["val"]
+
+  assert readable(input_pipeline.get_dataset_info(config)) == 6
   path = folder_with_bad_files / "train" / "cat" / "text.jpg"
   write_image(path)
   os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # mtime differs even on coarse clocks
-  assert input_pipeline.get_dataset_info(config).num_examples["train"] == 7
+  assert readable(input_pipeline.get_dataset_info(config)) == 7
 
 
 def test_a_class_of_only_bad_files_is_an_error_naming_its_folder(tmp_path):
@@ -438,7 +448,7 @@ def test_fashion_mnist_slice_shoe_classes(tmp_path):
   )
   info = input_pipeline.get_dataset_info(config)
   assert info.class_names == SHOES
-  assert info.num_examples == {"train": 300, "test": 150}
+  assert info.num_examples == {"train": 270, "val": 30, "test": 150}
   batch = train_batches(config, 1)[0]
   assert batch["image"].shape == (16, 28, 28, 3) and set(batch["label"]) <= {0, 1, 2}
   # Grey -> RGB, and labels follow the images: compare with the raw slice.
@@ -456,7 +466,7 @@ def test_fashion_mnist_all_classes_have_their_published_names():
   config = make_config("fashion_mnist", fashion_mnist_dir=str(FMNIST_SLICE))
   info = input_pipeline.get_dataset_info(config)
   assert info.class_names[0] == "T-shirt/top" and info.class_names[9] == "Ankle boot"
-  assert info.num_examples == {"train": 1000, "test": 500}
+  assert info.num_examples == {"train": 900, "val": 100, "test": 500}
 
 
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
@@ -502,7 +512,11 @@ def tfds_dir(tmp_path):
 def test_tfds_source_yields_batches_and_exact_eval_counts(tfds_dir):
   config = make_config("vit_jax_test_images", tfds_data_dir=tfds_dir, batch_eval=4)
   info = input_pipeline.get_dataset_info(config)
-  assert info.class_names == ("x", "y", "z") and info.num_examples == {"train": 23, "test": 11}
+  assert info.class_names == ("x", "y", "z") and info.num_examples == {
+    "train": 21,
+    "val": 2,
+    "test": 11,
+  }
   batch = train_batches(config, 1)[0]
   assert batch["image"].shape == (4, 16, 16, 3)
   assert -1 <= batch["image"].min() <= batch["image"].max() <= 1
@@ -540,7 +554,7 @@ def test_tfds_mock_data_yields_correctly_shaped_batches(tmp_path):
   config = make_config("cifar10", tfds_data_dir=str(tmp_path), tfds_download=True, batch_eval=4)
   with tfds.testing.mock_data(num_examples=6):
     info = input_pipeline.get_dataset_info(config)
-    assert info.num_classes == 10 and info.num_examples == {"train": 6, "test": 6}
+    assert info.num_classes == 10 and info.num_examples == {"train": 6, "val": 6, "test": 6}
     batch = train_batches(config, 2)[1]
     assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
     assert sum(int(b["mask"].sum()) for b in eval_batches(config)) == 6

@@ -392,9 +392,18 @@ def test_evaluation_counts_every_test_example_once_over_two_processes(jit_2x4):
   workdir, summaries, _ = jit_2x4
   assert TEST_SIZE % testing_config.get_config().batch_eval != 0  # a padded last batch
   evals = [m for m in metrics(workdir) if "test_count" in m]
-  assert [m["step"] for m in evals] == [12, 24]
-  assert all(m["test_count"] == TEST_SIZE for m in evals)
+  assert [(m["step"], m["test_count"]) for m in evals] == [(STEPS, TEST_SIZE)]  # once, at the end
+  assert [m["step"] for m in metrics(workdir) if "val_count" in m] == [12, 24]
   assert [s["test_count"] for s in summaries] == [TEST_SIZE, TEST_SIZE]
+
+
+def test_the_val_split_is_the_same_over_one_and_two_processes(jit_2x4, jit_1x8):
+  (workdir, summaries, _), (reference, summary) = jit_2x4, jit_1x8
+  # Each process chooses the stratified val_fraction itself: every one must hold the same.
+  assert summaries[0]["splits"] == summaries[1]["splits"] == summary["splits"]
+  assert summary["splits"]["val"]["examples"] == 2 * len(COLORS)  # 10 % of 24 per class
+  vals = lambda w: [(m["step"], m["val_count"]) for m in metrics(w) if "val_count" in m]  # noqa: E731
+  assert vals(workdir) == vals(reference) == [(12, 6), (24, 6)]
 
 
 def test_only_process_zero_writes_files_and_logs(jit_2x4):

@@ -74,10 +74,13 @@ def test_checkpoints_at_exactly_the_configured_cadence(jit_run):
   assert _steps(jit_run[0]) == [4, 8, 12]
 
 
-def test_evaluation_counts_every_test_example_once(jit_run):
-  evals = [m for m in _metrics(jit_run[0]) if "test_count" in m]
-  assert [m["step"] for m in evals] == [6, 12]
-  assert all(m["test_count"] == 21 for m in evals)  # batch_eval 16: a padded remainder
+def test_evaluation_counts_every_example_once_val_during_training_test_at_the_end(jit_run):
+  rows = _metrics(jit_run[0])
+  vals = [m for m in rows if "val_count" in m]
+  assert [m["step"] for m in vals] == [6, 12]
+  assert all(m["val_count"] == 6 for m in vals)  # val_fraction 0.1 of 24 per class: 2 each
+  tests = [m for m in rows if "test_count" in m]
+  assert [(m["step"], m["test_count"]) for m in tests] == [(12, 21)]  # batch_eval 16: padded
 
 
 def test_run_exports_the_original_format_with_class_names(jit_run):

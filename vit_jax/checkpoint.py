@@ -322,16 +322,18 @@ def _orbax_params(step_dir: str) -> dict[str, Any]:
 def load_for_inference(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(params, metadata) from an `.npz`, a training workdir, or an orbax step folder.
 
-  A workdir gives its exported `params.npz` when the run finished, else its latest checkpoint.
+  A finished workdir gives the params its run chose (`best_params.npz`, with config.best_metric)
+  or else its final `params.npz`; an unfinished one, its latest checkpoint.
   Metadata (model, image size, class names) comes from the JSON beside the `.npz` or the run's
   `run.json`; it is {} for an original Google file.
   """
   path = os.fspath(path).rstrip("/")
   if os.path.isfile(path):
     return load(path), load_metadata(path)
-  if os.path.isfile(os.path.join(path, "params.npz")):
-    npz = os.path.join(path, "params.npz")
-    return load(npz), load_metadata(npz)
+  for name in ("best_params.npz", "params.npz"):
+    npz = os.path.join(path, name)
+    if os.path.isfile(npz):
+      return load(npz), load_metadata(npz)
   workdir, step_dir = path, None
   if os.path.basename(path).isdigit():
     step_dir, workdir = path, os.path.dirname(os.path.dirname(path))

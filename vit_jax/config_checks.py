@@ -1,9 +1,12 @@
-"""A training config checked before anything compiles, and the pretrained file it names.
+"""A training config checked before anything compiles, its schedule in steps, and the
+pretrained file it names.
 
 `validate_config` fails in a second with one line naming the field, not after compiling;
-`train.train_and_evaluate` and the preflight call it.
+`train.train_and_evaluate` and the preflight call it. `resolve_schedule` turns epochs into steps
+once the train split's size is known.
 """
 
+import math
 import os
 from typing import Optional
 
@@ -17,7 +20,7 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
-BEST_MODES = {"test_accuracy": "max", "test_loss": "min"}  # config.best_metric -> orbax best_mode
+BEST_MODES = {"val_accuracy": "max", "val_loss": "min"}  # config.best_metric -> orbax best_mode
 
 
 def validate_config(
@@ -58,8 +61,40 @@ def validate_config(
     config.decay_type in ("cosine", "linear"),
     f"config.decay_type must be 'cosine' or 'linear', got {config.decay_type!r}",
   )
+  need(
+    config.best_metric not in ("test_accuracy", "test_loss"),
+    f"config.best_metric={config.best_metric!r} would choose the checkpoint on the test split, "
+    f"which must be read once, at the end: use {config.best_metric.replace('test_', 'val_')!r}",
+  )
+  need(
+    config.early_stop_patience >= 0,
+    f"config.early_stop_patience must be >= 0, got {config.early_stop_patience}",
+  )
+  need(
+    not config.early_stop_patience or config.best_metric,
+    "config.early_stop_patience needs config.best_metric (val_accuracy or val_loss) to watch",
+  )
+  need(
+    0 <= config.val_fraction < 1,
+    f"config.val_fraction must be in [0, 1), got {config.val_fraction}",
+  )
+  by_epochs = config.num_epochs > 0
+  need(
+    config.num_epochs >= 0 and config.warmup_epochs >= 0,
+    "config.num_epochs and config.warmup_epochs must be >= 0",
+  )
+  need(
+    not (by_epochs and config.total_steps),
+    f"config.num_epochs={config.num_epochs} and config.total_steps={config.total_steps} are "
+    "both set: set one (--config.total_steps=0 to train by epochs)",
+  )
+  need(
+    not (config.warmup_epochs and config.warmup_steps),
+    f"config.warmup_epochs={config.warmup_epochs} and config.warmup_steps="
+    f"{config.warmup_steps} are both set: set one (--config.warmup_steps=0)",
+  )
   for field in (
-    "total_steps",
+    *(() if by_epochs else ("total_steps",)),
     "batch",
     "batch_eval",
     "accum_steps",
@@ -68,8 +103,8 @@ def validate_config(
     "progress_every",
   ):
     need(config[field] > 0, f"config.{field} must be positive, got {config[field]}")
-  need(
-    0 <= config.warmup_steps < config.total_steps,
+  need(  # by epochs, resolve_schedule checks the warmup once the steps are known
+    by_epochs or 0 <= config.warmup_steps < config.total_steps,
     f"config.warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps})",
   )
   n = jax.device_count() if num_devices is None else num_devices
@@ -113,6 +148,33 @@ def validate_config(
     f"{'patch size' if model.resnet is None else 'pixels per token (patch x ResNet stride)'} "
     f"{patch}",
   )
+
+
+def resolve_schedule(
+  config: ml_collections.ConfigDict, num_train: int
+) -> tuple[ml_collections.ConfigDict, Optional[str]]:
+  """`config` with `total_steps` and `warmup_steps` in steps, and the line that says how epochs
+  became steps (None when the config gives steps): steps = ceil(epochs * num_train / batch)."""
+  if not (config.num_epochs or config.warmup_epochs):
+    return config, None
+  config = config.copy_and_resolve_references()
+  parts = []
+  with config.unlocked():
+    if config.num_epochs:
+      config.total_steps = math.ceil(config.num_epochs * num_train / config.batch)
+      parts.append(
+        f"num_epochs={config.num_epochs:g}: ceil({config.num_epochs:g} x {num_train:,} train "
+        f"examples / batch {config.batch}) = {config.total_steps:,} steps"
+      )
+    if config.warmup_epochs:
+      config.warmup_steps = math.ceil(config.warmup_epochs * num_train / config.batch)
+      parts.append(f"warmup_epochs={config.warmup_epochs:g}: {config.warmup_steps:,} steps")
+  if not 0 <= config.warmup_steps < config.total_steps:
+    raise ConfigError(
+      f"warmup of {config.warmup_steps} steps is not shorter than the {config.total_steps} "
+      "training steps; lower config.warmup_epochs / warmup_steps"
+    )
+  return config, "; ".join(parts)
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:

@@ -1,21 +1,25 @@
 """Data sources: image folders, Fashion-MNIST and tfds, found and checked before any training.
 
 Three sources, chosen by `config.dataset`:
-* an image folder, `ROOT/{train,test}/<class>/*` or `ROOT/<class>/*` (split by a hash of each file's
-  path, so the split is stable as files are added);
+* an image folder, `ROOT/{train,val,test}/<class>/*` or `ROOT/<class>/*` (test split off by a hash
+  of each file's path, so a file keeps its split as files are added);
 * `fashion_mnist`: the Debian IDX files (or a `.npz` slice), held in memory;
 * any other name: a prepared tfds dataset.
+
+Each has three splits: train, val (model selection) and test (read once, at the end). Without a
+`val/` folder or a tfds `config.pp.val`, val is `config.val_fraction` of each class of train
+(stratified), chosen by a hash of each example's name: the same on every host and every run
+(tfds: the end of the train split, by tfds' slicing). Adding files keeps each file's test split;
+it may move a few files between train and val, as the per-class counts grow.
 
 `get_dataset_info` finds the classes and examples and raises a ValueError naming the file or
 config field at fault; `input_pipeline` turns what it found into tf.data pipelines.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import gzip
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -26,9 +30,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
 
-from vit_jax import preprocess
+from vit_jax import image_checks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FASHION_MNIST_CLASSES = (
@@ -48,8 +51,7 @@ FASHION_MNIST_DIRS = (
   ".cache/fashion-mnist",
   ".cache/fmnist/usr/share/datasets/fashion-mnist",
 )
-SPLITS = ("train", "test")
-_MAX_LOGGED_BAD_FILES = 20
+SPLITS = ("train", "val", "test")
 
 # --- Sources ------------------------------------------------------------------------------------
 
@@ -76,13 +78,13 @@ class IndexedSource:
 @dataclasses.dataclass(frozen=True)
 class TfdsSource:
   builder: Any  # tfds.core.DatasetBuilder
-  split_names: dict[str, str]  # 'train'/'test' -> tfds split string (config.pp.train / .test)
+  split_names: dict[str, str]  # 'train'/'val'/'test' -> tfds split string ('' for no val)
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   class_names: tuple[str, ...]
-  num_examples: dict[str, int]  # {'train': N_train, 'test': N_test}, over all processes
+  num_examples: dict[str, int]  # {'train': N, 'val': N, 'test': N}, over all processes
   # What get_dataset_info found (file lists, arrays, builder), so the pipelines need not redo it.
   source: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -104,6 +106,20 @@ def subset(info: DatasetInfo, split: str, rows: np.ndarray) -> DatasetInfo | Non
   return dataclasses.replace(info, num_examples=num_examples, source=source)
 
 
+def split_digest(info: DatasetInfo, split: str) -> dict[str, Any]:
+  """{'examples': N, 'md5': ...} of what a split holds (file paths or pixels, and labels; the
+  split string for tfds): equal digests, equal splits, across reruns and process counts."""
+  md5 = hashlib.md5()
+  if isinstance(info.source, IndexedSource):
+    examples = info.source.splits[split]
+    data = examples.data
+    md5.update("\n".join(data).encode() if info.source.is_files else data.tobytes())
+    md5.update(examples.labels.tobytes())
+  else:
+    md5.update(f"{info.source.builder.name}:{info.source.split_names[split]}".encode())
+  return dict(examples=int(info.num_examples[split]), md5=md5.hexdigest())
+
+
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Finds and checks the data of `config.dataset`; every data error surfaces here."""
   if not config.dataset:
@@ -122,25 +138,55 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     num_examples = {split: source.split_size(split) for split in SPLITS}
   else:
     num_examples = {
-      split: tfds_split_size(source.builder, source.split_names[split], f"config.pp.{split}")
-      for split in SPLITS
+      split: tfds_split_size(source.builder, name, f"config.pp.{split}") if name else 0
+      for split, name in source.split_names.items()
     }
   for split, n in num_examples.items():
-    if n == 0:
-      raise ValueError(f"The {split} split of {config.dataset!r} is empty.")
+    if n == 0 and not (split == "val" and not config.val_fraction):
+      raise ValueError(
+        f"The {split} split of {config.dataset!r} is empty"
+        + (f" (config.val_fraction={config.val_fraction})." if split == "val" else ".")
+      )
   return DatasetInfo(class_names=tuple(class_names), num_examples=num_examples, source=source)
 
 
 def _check_split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Folders and Fashion-MNIST know only 'train' and 'test' (no tfds slicing)."""
+  """Folders and Fashion-MNIST know only 'train', 'val' and 'test' (no tfds slicing)."""
+  if config.pp.val:
+    raise ValueError(
+      f"config.pp.val={config.pp.val!r}: names a tfds split; {config.dataset!r} takes its "
+      "validation split from a val/ folder or config.val_fraction (leave config.pp.val empty)."
+    )
   names = {"train": config.pp.train, "test": config.pp.test}
   for field, name in names.items():
     if name not in SPLITS:
       raise ValueError(
         f"config.pp.{field}={name!r}: {config.dataset!r} has only the splits "
-        f"'train' and 'test' (slicing like 'train[:90%]' is for tfds datasets)."
+        f"'train', 'val' and 'test' (slicing like 'train[:90%]' is for tfds datasets)."
       )
   return names
+
+
+def held_out(keys: list[str], fraction: float) -> set[str]:
+  """The `round(fraction * n)` of `keys` with the smallest hashes (one at least when there are two
+  or more, never all): exact per-class counts, the same on every machine whatever the order of
+  `keys`. Salted, so that it does not depend on the test split's hash of the same path."""
+  n = len(keys)
+  k = min(max(round(fraction * n), 1 if fraction > 0 and n > 1 else 0), max(n - 1, 0))
+  return set(sorted(keys, key=lambda key: (_hash_fraction("val:" + key), key))[:k])
+
+
+def _check_classes_in_train(root: pathlib.Path, files: dict[str, dict[str, list[str]]]) -> None:
+  """A class of val/ or test/ that train/ lacks is an error; one without examples, a warning."""
+  for split in ("val", "test"):
+    extra = sorted(set(files[split]) - set(files["train"]))
+    if extra:
+      raise ValueError(
+        f"Class folder {root / split / extra[0]} has no counterpart in "
+        f"{root / 'train'} ({split} classes missing from train: {extra})."
+      )
+  for name in sorted(set(files["train"]) - set(files["test"])):
+    logging.warning("Class %s has no test images in %s.", name, root / "test")
 
 
 def _select_classes(
@@ -171,39 +217,39 @@ def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], Indexe
   split_names = _check_split_names(config)
   has_splits = (root / "train").is_dir() or (root / "test").is_dir()
   if has_splits:
-    files = {split: _list_class_files(root, root / split) for split in SPLITS}
-    class_names = sorted(files["train"])
-    extra = sorted(set(files["test"]) - set(files["train"]))
-    if extra:
-      raise ValueError(
-        f"Class folder {root / 'test' / extra[0]} has no counterpart in "
-        f"{root / 'train'} (test classes missing from train: {extra})."
-      )
-    for name in sorted(set(files["train"]) - set(files["test"])):
-      logging.warning("Class %s has no test images in %s.", name, root / "test")
+    files = {split: _list_class_files(root, root / split) for split in ("train", "test")}
   else:
     by_class = _list_class_files(root, root)
-    class_names = sorted(by_class)
     # A hash of the path, not a seeded permutation: a file keeps its split as files are added.
     files = {
       split: {
         name: [r for r in rels if (_hash_fraction(r) < config.test_fraction) == (split == "test")]
         for name, rels in by_class.items()
       }
-      for split in SPLITS
+      for split in ("train", "test")
     }
+  if has_splits and (root / "val").is_dir():
+    files["val"] = _list_class_files(root, root / "val")
+  else:  # per class, so that val has train's class balance
+    val = {name: held_out(rels, config.val_fraction) for name, rels in files["train"].items()}
+    files["val"] = {name: sorted(val[name]) for name in files["train"]}
+    files["train"] = {
+      name: [r for r in rels if r not in val[name]] for name, rels in files["train"].items()
+    }
+  class_names = sorted(files["train"])
+  if has_splits:
+    _check_classes_in_train(root, files)
 
   all_files = [r for split in SPLITS for rels in files[split].values() for r in rels]
-  errors = _check_images(root, all_files)
-  _report_bad_images(root, errors, config.strict_images)
+  errors = image_checks.check_images(root, all_files)
+  image_checks.report_bad_images(root, errors, config.strict_images)
   found = class_names
   class_names, relabel = _select_classes(config, found, str(root))
   for name in class_names:  # A kept class with no readable file is an error, not a skip.
-    by_folder = (
-      {split: files[split].get(name, []) for split in SPLITS}
-      if has_splits
-      else {"": files["train"][name] + files["test"][name]}
-    )
+    rels = [r for split in SPLITS for r in files[split].get(name, [])]
+    by_folder: dict[str, list[str]] = {}
+    for r in rels:  # by the folder a file lives in (held-out val files live under train/)
+      by_folder.setdefault(pathlib.Path(r).parts[0] if has_splits else "", []).append(r)
     for split, rels in by_folder.items():
       if rels and all(errors[r] is not None for r in rels):
         raise ValueError(f"No readable image in {root / split / name}.")
@@ -216,7 +262,7 @@ def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], Indexe
       for r in files[split].get(name, [])
       if errors[r] is None
     ]
-    if not examples:
+    if not examples and split != "val":
       raise ValueError(
         f"The {split} split of {root} is empty"
         + ("." if has_splits else f" (config.test_fraction={config.test_fraction}).")
@@ -224,10 +270,14 @@ def _folder_source(config: ml_collections.ConfigDict) -> tuple[list[str], Indexe
     # Interleave the classes (order by path hash), so that each process's slice is class-balanced.
     examples.sort(key=lambda e: _hash_fraction(e[0]))
     splits[split] = Examples(
-      data=np.array([str(root / r) for r, _ in examples]),
+      data=np.array([str(root / r) for r, _ in examples], dtype=str),
       labels=np.array([l for _, l in examples], np.int32),
     )
-  splits = {"train": splits[split_names["train"]], "test": splits[split_names["test"]]}
+  splits = {
+    "train": splits[split_names["train"]],
+    "val": splits["val"],
+    "test": splits[split_names["test"]],
+  }
   return class_names, IndexedSource(splits=splits, is_files=True)
 
 
@@ -263,87 +313,6 @@ def _hash_fraction(text: str) -> float:
   return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def _image_error(path: str) -> str | None:
-  """Why the pipeline could not use `path`, or None. Cheap: JPEGs are decoded at 1/8 scale."""
-  try:
-    if os.path.getsize(path) == 0:
-      return "empty file"
-    with Image.open(path) as image:
-      image_format = image.format
-      image.draft("RGB", (1, 1))  # JPEG only: still reads every byte, so truncation is caught.
-      image.load()
-    if image_format not in ("JPEG", "MPO", "PNG"):
-      # TF's BMP/GIF/WebP decoders reject some files PIL reads (e.g. 1-bit BMPs): ask TF itself.
-      preprocess.decode(tf.io.read_file(path))  # the decoder training uses
-  except Exception as e:  # pylint: disable=broad-except  # any failure means "unreadable"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-  return None
-
-
-def _cache_dir() -> pathlib.Path:
-  if os.environ.get("VIT_JAX_CACHE_DIR"):
-    return pathlib.Path(os.environ["VIT_JAX_CACHE_DIR"])
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return pathlib.Path(xdg) / "vit_jax"
-
-
-def _check_images(root: pathlib.Path, rels: list[str]) -> dict[str, str | None]:
-  """Returns {rel: error or None}. Verdicts are cached per (path, size, mtime) in a JSON manifest
-  under the cache dir ($VIT_JAX_CACHE_DIR, default ~/.cache/vit_jax), so a second run is instant."""
-  manifest_path = (
-    _cache_dir()
-    / "image_checks"
-    / f"{hashlib.md5(str(root.resolve()).encode()).hexdigest()[:16]}.json"
-  )
-  try:
-    cached = json.loads(manifest_path.read_text())["files"]
-  except (OSError, ValueError, KeyError):
-    cached = {}
-  entries, todo = {}, []
-  for rel in rels:
-    try:
-      stat = os.stat(root / rel)
-    except OSError as e:  # e.g. a broken symlink; -1 keeps it from ever matching the cache
-      entries[rel] = [-1, -1, f"{type(e).__name__}: {e.strerror}"]
-      continue
-    key = [stat.st_size, stat.st_mtime_ns]
-    if rel in cached and cached[rel][:2] == key:
-      entries[rel] = cached[rel]
-    else:
-      entries[rel] = key + [None]
-      todo.append(rel)
-  if todo:
-    logging.info("Checking %d image file(s) under %s.", len(todo), root)
-    workers = min(32, 2 * (os.cpu_count() or 1))  # PIL and TF decoders release the GIL
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-      for rel, error in zip(todo, pool.map(_image_error, [str(root / r) for r in todo])):
-        entries[rel][2] = error
-    try:
-      manifest_path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = manifest_path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_text(json.dumps({"root": str(root.resolve()), "files": entries}))
-      os.replace(tmp, manifest_path)
-    except OSError as e:
-      logging.warning("Could not write the image-check cache %s: %s", manifest_path, e)
-  return {rel: entry[2] for rel, entry in entries.items()}
-
-
-def _report_bad_images(root: pathlib.Path, errors: dict[str, str | None], strict: bool) -> None:
-  bad = sorted(rel for rel, error in errors.items() if error is not None)
-  if not bad:
-    return
-  if strict:
-    raise ValueError(
-      f"Unreadable image {root / bad[0]}: {errors[bad[0]]} ({len(bad)} unreadable "
-      f"file(s) in all; config.strict_images=False skips them with a warning)."
-    )
-  for rel in bad[:_MAX_LOGGED_BAD_FILES]:
-    logging.warning("Skipping unreadable image %s: %s", root / rel, errors[rel])
-  if len(bad) > _MAX_LOGGED_BAD_FILES:
-    logging.warning("... and %d more unreadable images.", len(bad) - _MAX_LOGGED_BAD_FILES)
-  logging.warning("Skipped %d unreadable image file(s) under %s.", len(bad), root)
-
-
 # --- Fashion-MNIST ------------------------------------------------------------------------------
 
 
@@ -351,9 +320,22 @@ def _fashion_mnist_source(config: ml_collections.ConfigDict) -> tuple[list[str],
   split_names = _check_split_names(config)
   arrays = load_fashion_mnist(find_fashion_mnist(config.fashion_mnist_dir))
   class_names, relabel = _select_classes(config, list(FASHION_MNIST_CLASSES), "fashion_mnist")
+  images, labels = arrays["train"]
+  # val: a fixed stratified part of the train split, by example index (see held_out).
+  in_val = np.zeros(len(labels), bool)
+  for c in range(len(FASHION_MNIST_CLASSES)):
+    rows = np.flatnonzero(labels == c)
+    held = held_out([f"fashion_mnist/train/{i}" for i in rows], config.val_fraction)
+    in_val[[i for i in rows if f"fashion_mnist/train/{i}" in held]] = True
+  parts = {
+    "train": (images[~in_val], labels[~in_val]),
+    "val": (images[in_val], labels[in_val]),
+    "test": arrays["test"],
+  }
+  names = {"train": split_names["train"], "val": "val", "test": split_names["test"]}
   splits = {}
   for split in SPLITS:
-    images, labels = arrays[split_names[split]]
+    images, labels = parts[names[split]]
     labels = relabel[labels]
     keep = labels >= 0
     splits[split] = Examples(data=images[keep], labels=labels[keep])
@@ -383,7 +365,9 @@ def load_fashion_mnist(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
       missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
       if missing:
         raise ValueError(f"{path} lacks the array(s) {sorted(missing)}.")
-      out = {s: (f[f"x_{s}"].astype(np.uint8), f[f"y_{s}"].astype(np.int32)) for s in SPLITS}
+      out = {
+        s: (f[f"x_{s}"].astype(np.uint8), f[f"y_{s}"].astype(np.int32)) for s in ("train", "test")
+      }
   else:
     out = {
       s: (
@@ -458,8 +442,20 @@ def _tfds_source(config: ml_collections.ConfigDict) -> tuple[list[str], TfdsSour
       f"tfds dataset {config.dataset!r} needs an 'image' and a ClassLabel 'label' "
       f"feature; it has {list(features.keys())}."
     )
+  train, val = config.pp.train, config.pp.val
+  if not val and config.val_fraction:
+    if "[" in train or "+" in train:
+      raise ValueError(
+        f"config.pp.val is empty and config.pp.train={train!r} is already sliced: name the "
+        "validation split (e.g. --config.pp.val='train[98%:]' beside 'train[:98%]'), or "
+        "--config.val_fraction=0 for none."
+      )
+    n = tfds_split_size(builder, train, "config.pp.train")
+    k = max(1, round(config.val_fraction * n))  # the end of train, by tfds' own slicing
+    train, val = f"{train}[:{n - k}]", f"{train}[{n - k}:]"
+    logging.info("tfds %s: train %s, val %s (config.val_fraction)", config.dataset, train, val)
   source = TfdsSource(
-    builder=builder, split_names={"train": config.pp.train, "test": config.pp.test}
+    builder=builder, split_names={"train": train, "val": val, "test": config.pp.test}
   )
   return list(features["label"].names), source
 

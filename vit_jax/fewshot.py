@@ -188,6 +188,8 @@ class FeatureExtractor:
   def __init__(self, config: Any):
     from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
+    config = config.copy_and_resolve_references()
+    config.val_fraction = 0.0  # the shots are drawn from the whole train split; nothing is chosen
     self.config = config
     self.info = input_pipeline.get_dataset_info(config)
     train_config = config.copy_and_resolve_references()

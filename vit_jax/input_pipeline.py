@@ -163,11 +163,11 @@ def get_train_dataset(
   return _options(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def _eval_local_sizes(source: Any, count: int) -> list[int]:
+def _eval_local_sizes(source: Any, count: int, split: str) -> list[int]:
   if isinstance(source, data_sources.IndexedSource):
-    n = source.split_size("test")
+    n = source.split_size(split)
     return [hi - lo for lo, hi in (_slice(n, i, count) for i in range(count))]
-  split = source.split_names["test"]
+  split = source.split_names[split]
   return [
     data_sources.tfds_split_size(source.builder, data_sources.tfds_process_split(split, i, count))
     for i in range(count)
@@ -175,12 +175,15 @@ def _eval_local_sizes(source: Any, count: int) -> list[int]:
 
 
 def num_eval_batches(
-  config: ml_collections.ConfigDict, info: DatasetInfo, process_count: int | None = None
+  config: ml_collections.ConfigDict,
+  info: DatasetInfo,
+  process_count: int | None = None,
+  split: str = "test",
 ) -> int:
   """Batches every process yields in evaluation: enough for the largest process slice."""
   _, count = _processes(0, process_count)
   batch = _local_batch(config.batch_eval, count, "config.batch_eval")
-  return math.ceil(max(_eval_local_sizes(_source(config, info), count)) / batch)
+  return math.ceil(max(_eval_local_sizes(_source(config, info), count, split)) / batch)
 
 
 def get_eval_dataset(
@@ -190,27 +193,29 @@ def get_eval_dataset(
   process_index: int | None = None,
   process_count: int | None = None,
   with_ids: bool = False,
+  split: str = "test",
 ) -> tf.data.Dataset:
-  """Finite eval batches {'image', 'label', 'mask' (int32, 0 = padding)} of batch_eval/processes.
+  """Finite eval batches {'image', 'label', 'mask' (int32, 0 = padding)} of batch_eval/processes
+  over `split` ('test' or 'val').
 
   Every process yields num_eval_batches(...) batches; padding (zero images, mask 0) fills the
-  rest, so summing over mask on all processes counts each test example exactly once.
+  rest, so summing over mask on all processes counts each example exactly once.
   `with_ids` adds 'index' (int32): the example's position in the whole split, -1 for padding.
   """
   index, count = _processes(process_index, process_count)
   batch = _local_batch(config.batch_eval, count, "config.batch_eval")
   source = _source(config, info)
-  num_batches = num_eval_batches(config, info, count)
+  num_batches = num_eval_batches(config, info, count, split)
 
   if isinstance(source, data_sources.IndexedSource):
-    lo, hi = _slice(source.split_size("test"), index, count)
-    load = _loader(source.splits["test"], source.is_files)
+    lo, hi = _slice(source.split_size(split), index, count)
+    load = _loader(source.splits[split], source.is_files)
     ds = tf.data.Dataset.range(lo, hi).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     n_local = hi - lo
   else:
-    split = data_sources.tfds_process_split(source.split_names["test"], index, count)
-    n_local = data_sources.tfds_split_size(source.builder, split)
-    ds = data_sources.tfds_records(source, split, seed=None)
+    local = data_sources.tfds_process_split(source.split_names[split], index, count)
+    n_local = data_sources.tfds_split_size(source.builder, local)
+    ds = data_sources.tfds_records(source, local, seed=None)
     ds = ds.map(
       lambda encoded, label: (preprocess.decode(encoded), label),
       num_parallel_calls=tf.data.AUTOTUNE,
@@ -224,7 +229,7 @@ def get_eval_dataset(
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   if with_ids:  # processes read consecutive slices of the split: offset = earlier slices' sizes
-    offset = sum(_eval_local_sizes(source, count)[:index])
+    offset = sum(_eval_local_sizes(source, count, split)[:index])
     ds = ds.enumerate(offset).map(lambda i, ex: {**ex, "index": tf.cast(i, tf.int32)})
   if config.cache:
     ds = ds.cache()

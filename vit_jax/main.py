@@ -122,7 +122,7 @@ def _first_line(e: Exception) -> str:
   return (str(e).strip().splitlines() or [type(e).__name__])[0]  # XLA errors run long
 
 
-def _fail(e: Exception) -> NoReturn:
+def fail(e: Exception) -> NoReturn:
   """A user's mistake: a readable message on stderr, exit code 2, no traceback."""
   logging.error("%s", e)
   print(f"error: {e}", file=sys.stderr)
@@ -137,7 +137,7 @@ def main(argv) -> None:
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, os.environ
     )
   except DistributedSetupError as e:
-    _fail(e)
+    fail(e)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], "GPU")  # TF only feeds data; the accelerators are JAX's
@@ -146,7 +146,7 @@ def main(argv) -> None:
   try:
     start_distributed(dist)
   except DistributedSetupError as e:
-    _fail(e)
+    fail(e)
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # N copies of every INFO line help nobody
   from vit_jax import train  # pylint: disable=g-import-not-at-top
@@ -163,7 +163,7 @@ def main(argv) -> None:
   # ConfigError, CheckpointError and the data sources' errors are ValueErrors that name the
   # field, file or split.
   except (ValueError, train.TrainingDiverged) as e:
-    _fail(e)
+    fail(e)
   print(json.dumps(summary), flush=True)
   if jax.distributed.is_initialized():
     # After the run's final barrier: leave together, so that process 0 (the coordination

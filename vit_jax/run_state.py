@@ -1,5 +1,6 @@
 """A run's orbax checkpoints: the managers (the latest steps for resuming, the best one by
-`config.best_metric`) and the resume ladder that gives the starting state.
+`config.best_metric` on validation), the early-stopping count, and the resume ladder that gives
+the starting state.
 """
 
 import functools
@@ -44,17 +45,56 @@ def best_checkpoint_manager(workdir: str, config) -> Optional[ocp.CheckpointMana
   )
 
 
+class Selection:
+  """The best value of `config.best_metric` so far, its step, and the evaluations since then
+  (early stopping). Rebuilt from the best manager on resume: its steps after `first_step` are
+  forgotten (the resumed run evaluates them again, to the same values), and the evaluations
+  between the best step and `first_step` are counted from `config.eval_every`."""
+
+  def __init__(self, config, best_mngr: ocp.CheckpointManager, first_step: int):
+    self.metric, self.mngr = config.best_metric, best_mngr
+    self.maximise = BEST_MODES[config.best_metric] == "max"
+    self.patience = config.early_stop_patience
+    for step in best_mngr.all_steps():
+      if step > first_step:
+        best_mngr.delete(step)
+    self.best_step = best_mngr.best_step()
+    self.best_value, self.since = None, 0
+    if self.best_step is not None:
+      self.best_value = float(best_mngr.metrics(self.best_step)[self.metric])
+      every = config.eval_every
+      self.since = first_step // every - self.best_step // every
+
+  def update(self, step: int, value: float) -> bool:
+    """Records an evaluation; True when it is a new best (then save it to the best manager)."""
+    better = self.best_value is None or (
+      value > self.best_value if self.maximise else value < self.best_value
+    )
+    if better:
+      self.best_step, self.best_value, self.since = step, value, 0
+    else:
+      self.since += 1
+    return better
+
+  @property
+  def exhausted(self) -> bool:
+    """Whether `early_stop_patience` evaluations in a row did not improve the best."""
+    return bool(self.patience) and self.since >= self.patience
+
+
 def export_best(
   best_mngr: ocp.CheckpointManager, target: State, path: str, metadata: dict[str, Any], metric: str
-) -> int:
-  """Writes the best checkpoint's params to `path` (.npz + .json); returns its step."""
+) -> tuple[int, State]:
+  """Writes the best checkpoint's params to `path` (.npz + .json, which names the metric and
+  split that chose it); returns its step and its state (sharded like `target`)."""
   step = best_mngr.best_step()
-  params = sharding.to_host(
-    best_mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
-  )
+  state = best_mngr.restore(step, args=ocp.args.StandardRestore(target))
+  params = sharding.to_host(state["params"])
   if jax.process_index() == 0:
-    checkpoint.save_npz(params, path, metadata=dict(metadata, best_step=step, best_metric=metric))
-  return step
+    checkpoint.save_npz(
+      params, path, metadata=dict(metadata, best_step=step, best_metric=metric, chosen_on="val")
+    )
+  return step, state
 
 
 def _resume_dir(path: str) -> str:

@@ -19,9 +19,21 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint, fewshot, input_pipeline, metrics, models, program, sharding, steps
+from vit_jax import (
+  checkpoint,
+  config_checks,
+  data_sources,
+  fewshot,
+  input_pipeline,
+  metrics,
+  models,
+  program,
+  sharding,
+  steps,
+)
 from vit_jax.config_checks import validate_config
 from vit_jax.run_state import (
+  Selection,
   best_checkpoint_manager,
   checkpoint_manager,
   export_best,
@@ -99,9 +111,11 @@ def _prefetch(iterator: Iterator, put: Callable, size: int) -> Iterator:
   yield from queue
 
 
-def evaluate(config, info, eval_step: Callable, params: Any, par: sharding.Jit) -> dict[str, float]:
-  """Accuracy and loss over the whole test split: every example counted once (masked padding)."""
-  ds = input_pipeline.get_eval_dataset(config, info)
+def evaluate(
+  config, info, eval_step: Callable, params: Any, par: sharding.Jit, split: str
+) -> dict[str, float]:
+  """Accuracy and loss over a whole split ('val' or 'test'): every example counted once."""
+  ds = input_pipeline.get_eval_dataset(config, info, split=split)
   totals = None
   for batch in _prefetch(ds.as_numpy_iterator(), par.put_batch, config.prefetch):
     sums = eval_step(params, batch)
@@ -113,19 +127,46 @@ def evaluate(config, info, eval_step: Callable, params: Any, par: sharding.Jit) 
   )
 
 
+def _log_eval(step: int, name: str, result: dict[str, float]) -> None:
+  logging.info(
+    "step %d: %s accuracy %.4f, loss %.4f (%d examples)",
+    step,
+    name,
+    result["accuracy"],
+    result["loss"],
+    result["count"],
+  )
+
+
 # ---------------------------------------------------------------------------------------------
 # The ladder.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Fine-tunes per `config`, writing checkpoints, metrics and the export into `workdir`."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, final_test: bool = True
+) -> dict[str, Any]:
+  """Fine-tunes per `config`, writing checkpoints, metrics and the export into `workdir`.
+
+  Evaluation during training is on the validation split; the test split is read once, at the
+  end, for the final parameters and the best checkpoint (`final_test=False`: not at all, for a
+  sweep that reads test for its chosen point only)."""
   # 1. Config: every value checked before anything compiles.
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
 
-  # 2. Data and model.
+  # 2. Data and model; epochs become steps once the train split's size is known.
   info = input_pipeline.get_dataset_info(config)
+  config, schedule = config_checks.resolve_schedule(config, info.num_examples["train"])
+  if schedule:
+    logging.info("%s", schedule)
+  has_val = info.num_examples["val"] > 0
+  if not has_val and config.best_metric:
+    raise config_checks.ConfigError(
+      f"config.best_metric={config.best_metric!r} needs a validation split: add a val/ folder "
+      "or set config.val_fraction > 0 (tfds: config.pp.val)"
+    )
+  logging.info("splits: %s", ", ".join(f"{k} {v:,}" for k, v in info.num_examples.items()))
   mesh = sharding.make_mesh()
   prog = program.build_program(config, info.num_classes, mesh)
   model, tx, abstract, shardings, par = (
@@ -157,11 +198,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first_step,
     f"{sum(x.size for x in jax.tree.leaves(abstract['params'])):,}",
   )
+  selection = Selection(config, best_mngr, first_step) if best_mngr else None
 
   meta = models.model_metadata(model, image_size=config.pp.crop, class_names=info.class_names)
+  splits = {k: data_sources.split_digest(info, k) for k in info.num_examples}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump(dict(meta, config=json.loads(config.to_json_best_effort())), f, indent=2)
+      run = dict(meta, splits=splits, config=json.loads(config.to_json_best_effort()))
+      json.dump(run, f, indent=2)
   writer = metrics.MetricWriter(workdir)
   if first_step == 0:
     writer.write_hparams(
@@ -174,16 +218,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   del state
   fewshot_eval = fewshot.Evaluator(config) if config.fewshot.datasets else None
 
-  # 5. The loop: report, checkpoint, evaluate at their cadences; stop on SIGTERM or NaN.
+  # 5. The loop: report, checkpoint, validate at their cadences; stop on SIGTERM, NaN or
+  # exhausted patience (a rerun of an early-stopped run stops again at once).
   pending = _PendingMetrics(par.fetch, mngr)
   progress = metrics.Progress(config.total_steps, config.batch)
   preemption = _Preemption()
-  summary: dict[str, Any] = dict(origin=origin, first_step=first_step, preempted=False)
+  summary: dict[str, Any] = dict(
+    origin=origin, first_step=first_step, preempted=False, splits=splits
+  )
+  if schedule:
+    summary["schedule"] = schedule
   ds_train = input_pipeline.get_train_dataset(config, info, start_step=first_step)
   batches = _prefetch(ds_train.as_numpy_iterator(), par.put_batch, config.prefetch)
   step = first_step
+  early_stop = selection is not None and selection.exhausted
   try:
-    while step < config.total_steps:
+    while step < config.total_steps and not early_stop:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         run_state, step_metrics = train_step(run_state, next(batches))
       step += 1
@@ -193,7 +243,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("first step (compilation included) took %.1f s", time.time() - t_start)
         progress.start(step)
       stop = preemption.stop_now(step, config.progress_every)
-      last = step == config.total_steps or stop
+      if has_val and (step % config.eval_every == 0 or step == config.total_steps) and not stop:
+        with progress.paused():
+          result = evaluate(config, info, eval_step, run_state["params"], par, "val")
+        _log_eval(step, "val", result)
+        writer.write(step, {f"val_{k}": v for k, v in result.items()})
+        summary.update(val_accuracy=result["accuracy"], val_loss=result["loss"])
+        if selection and selection.update(step, summary[config.best_metric]):
+          with progress.paused():  # the new best; orbax then drops the previous one
+            best_mngr.save(
+              step,
+              args=ocp.args.StandardSave(par.canonical(run_state)),
+              metrics={config.best_metric: summary[config.best_metric]},
+              force=True,
+            )
+        if selection:
+          early_stop = selection.exhausted
+      last = step == config.total_steps or stop or early_stop
       if step % config.progress_every == 0 or last:
         scalars = pending.mean()
         writer.write(
@@ -204,34 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with progress.paused():
           pending.mean()
           mngr.save(step, args=ocp.args.StandardSave(par.canonical(run_state)), force=True)
-      if (step % config.eval_every == 0 or step == config.total_steps) and not stop:
-        with progress.paused():
-          result = evaluate(config, info, eval_step, run_state["params"], par)
-        logging.info(
-          "step %d: test accuracy %.4f, loss %.4f (%d examples)",
-          step,
-          result["accuracy"],
-          result["loss"],
-          result["count"],
-        )
-        writer.write(step, {f"test_{k}": v for k, v in result.items()})
-        summary.update(
-          test_accuracy=result["accuracy"],
-          test_loss=result["loss"],
-          test_count=int(result["count"]),
-        )
-        if best_mngr:  # orbax keeps this step only if it beats the best so far
-          with progress.paused():
-            best_mngr.save(
-              step,
-              args=ocp.args.StandardSave(par.canonical(run_state)),
-              metrics={config.best_metric: summary[config.best_metric]},
-              force=True,
-            )
       every = config.fewshot.every
-      if (
-        fewshot_eval and ((every and step % every == 0) or step == config.total_steps) and not stop
-      ):
+      if fewshot_eval and ((every and step % every == 0) or last) and not stop:
         with progress.paused():
           scalars = fewshot_eval(sharding.to_host(par.canonical(run_state)["params"]))
         logging.info(
@@ -252,34 +292,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.wait_until_finished()
     if best_mngr:
       best_mngr.wait_until_finished()
-    writer.close()
 
-  # 6. Export: the original .npz format with the model's metadata.
+  # 6. The end (all steps, or early stopping): export, then the test split, read once.
   summary["step"] = step
-  if step == config.total_steps and config.export_npz:
+  finished = step == config.total_steps or early_stop
+  if early_stop:
+    summary["early_stop"] = dict(
+      step=step,
+      reason=f"{config.best_metric} did not improve on {selection.best_value:.6g} (step "
+      f"{selection.best_step}) in {selection.since} evaluations (early_stop_patience="
+      f"{config.early_stop_patience})",
+    )
+    logging.warning("early stop at step %d: %s", step, summary["early_stop"]["reason"])
+  if finished and config.export_npz:
     params = sharding.to_host(par.canonical(run_state)["params"])
     if jax.process_index() == 0:
       checkpoint.save_npz(params, os.path.join(workdir, "params.npz"), metadata=meta)
       logging.info("exported %s/params.npz (+ params.json) in the original format", workdir)
-  # 7. The evaluation hooks: best_params.npz (config.best_metric), WORKDIR/report (config.report).
-  if step == config.total_steps and best_mngr and best_mngr.best_step() is not None:
+  chosen, chosen_by = run_state["params"], "the final parameters (config.best_metric is off)"
+  chosen_host = None
+  if finished and selection and selection.best_step is not None:
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    summary["best_step"] = export_best(
+    best_step, best_state = export_best(
       best_mngr, target, os.path.join(workdir, "best_params.npz"), meta, config.best_metric
     )
-  if step == config.total_steps and config.report:
+    chosen = par.enter(best_state)["params"]
+    chosen_host = sharding.to_host(best_state["params"])
+    chosen_by = f"{config.best_metric} on the val split, best at step {best_step}"
+    summary.update(best_step=best_step, best_metric=config.best_metric, chosen_on="val")
+  if finished and final_test:
+    tests = dict(test=run_state["params"])
+    if selection and selection.best_step is not None:
+      tests["best_test"] = chosen
+    for name, params in tests.items():
+      result = evaluate(config, info, eval_step, params, par, "test")
+      _log_eval(step, name.replace("_", " "), result)
+      writer.write(step, {f"{name}_{k}": v for k, v in result.items()})
+      summary.update({f"{name}_accuracy": result["accuracy"], f"{name}_loss": result["loss"]})
+      summary[f"{name}_count"] = int(result["count"])
+  writer.close()
+  if finished and final_test and config.report:
     from vit_jax import evaluation  # pylint: disable=g-import-not-at-top  (matplotlib, sklearn)
 
     evaluation.write_report(
       os.path.join(workdir, "report"),
       config=config,
       info=info,
-      params=sharding.to_host(par.canonical(run_state)["params"]),
+      params=chosen_host or sharding.to_host(par.canonical(run_state)["params"]),
       meta=meta,
       workdir=workdir,
-      source=dict(checkpoint=workdir),
+      source=dict(checkpoint=workdir, chosen_by=chosen_by),
     )
   summary["seconds"] = time.time() - t_start
   multihost_utils.sync_global_devices("train_and_evaluate done")

@@ -308,12 +308,12 @@ def evaluate(
   info = input_pipeline.get_dataset_info(config)
   check_classes(meta, info, checkpoint_path, config.dataset)
   workdir = run_dir(checkpoint_path)
+  source = dict(checkpoint=checkpoint_path)
+  if meta.get("best_metric"):  # best_params.npz: say what chose it
+    source["chosen_by"] = (
+      f"{meta['best_metric']} on the {meta.get('chosen_on', 'val')} split, best at step "
+      f"{meta.get('best_step')}"
+    )
   return write_report(
-    output_dir,
-    config=config,
-    info=info,
-    params=params,
-    meta=meta,
-    workdir=workdir,
-    source=dict(checkpoint=checkpoint_path),
+    output_dir, config=config, info=info, params=params, meta=meta, workdir=workdir, source=source
   )
