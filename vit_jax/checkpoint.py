@@ -291,6 +291,17 @@ def save_npz(params: Params, path: str, *, metadata: Optional[Mapping[str, Any]]
     os.replace(meta_path + ".tmp", meta_path)
 
 
+def chosen_by(metadata: dict[str, Any]) -> Optional[str]:
+  """What chose a checkpoint, from the metadata `run_state.export_best` writes beside
+  `best_params.npz` ('val_accuracy on the val split, best at step 800'); None for other files."""
+  if not metadata.get("best_metric"):
+    return None
+  return (
+    f"{metadata['best_metric']} on the {metadata.get('chosen_on', 'val')} split, best at step "
+    f"{metadata.get('best_step')}"
+  )
+
+
 def load_metadata(path: str) -> dict[str, Any]:
   """The JSON written beside an `.npz` by `save_npz`, or {} when there is none."""
   meta_path = os.path.splitext(os.fspath(path))[0] + ".json"

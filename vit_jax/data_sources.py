@@ -325,8 +325,9 @@ def _fashion_mnist_source(config: ml_collections.ConfigDict) -> tuple[list[str],
   in_val = np.zeros(len(labels), bool)
   for c in range(len(FASHION_MNIST_CLASSES)):
     rows = np.flatnonzero(labels == c)
-    held = held_out([f"fashion_mnist/train/{i}" for i in rows], config.val_fraction)
-    in_val[[i for i in rows if f"fashion_mnist/train/{i}" in held]] = True
+    keys = [f"fashion_mnist/train/{i}" for i in rows]
+    held = held_out(keys, config.val_fraction)
+    in_val[[i for i, key in zip(rows, keys) if key in held]] = True
   parts = {
     "train": (images[~in_val], labels[~in_val]),
     "val": (images[in_val], labels[in_val]),

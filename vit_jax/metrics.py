@@ -37,6 +37,15 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The rows `MetricWriter` wrote to `workdir`/metrics.jsonl ([] when there is none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 class Progress:
   """Training throughput and ETA that leave out compilation, evaluation and checkpoint pauses.
 

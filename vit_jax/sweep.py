@@ -81,19 +81,10 @@ def point_name(point: dict[str, Any]) -> str:
   return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _curve(workdir: str, metric: str) -> list[tuple[int, float]]:
-  return [
-    (r["step"], r[metric])
-    for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if metric in r
-  ]
+  from vit_jax import metrics  # pylint: disable=g-import-not-at-top  (jax: after the grid check)
+
+  return [(r["step"], r[metric]) for r in metrics.read_metrics(workdir) if metric in r]
 
 
 def _maximise(metric: str) -> bool:

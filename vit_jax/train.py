@@ -287,6 +287,9 @@ def train_and_evaluate(
           "pre-empted: saved step %d to %s; rerun the same command to resume", step, mngr.directory
         )
         break
+  except BaseException:
+    writer.close()  # a finished loop's writer stays open for the test rows below
+    raise
   finally:
     preemption.restore()
     mngr.wait_until_finished()
@@ -310,7 +313,7 @@ def train_and_evaluate(
       checkpoint.save_npz(params, os.path.join(workdir, "params.npz"), metadata=meta)
       logging.info("exported %s/params.npz (+ params.json) in the original format", workdir)
   chosen, chosen_by = run_state["params"], "the final parameters (config.best_metric is off)"
-  chosen_host = None
+  report_params = None  # the final ones unless a best checkpoint was chosen
   if finished and selection and selection.best_step is not None:
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -318,9 +321,10 @@ def train_and_evaluate(
     best_step, best_state = export_best(
       best_mngr, target, os.path.join(workdir, "best_params.npz"), meta, config.best_metric
     )
-    chosen = par.enter(best_state)["params"]
-    chosen_host = sharding.to_host(best_state["params"])
-    chosen_by = f"{config.best_metric} on the val split, best at step {best_step}"
+    chosen, report_params = par.enter(best_state)["params"], best_state["params"]
+    chosen_by = checkpoint.chosen_by(
+      dict(best_metric=config.best_metric, chosen_on="val", best_step=best_step)
+    )
     summary.update(best_step=best_step, best_metric=config.best_metric, chosen_on="val")
   if finished and final_test:
     tests = dict(test=run_state["params"])
@@ -340,7 +344,7 @@ def train_and_evaluate(
       os.path.join(workdir, "report"),
       config=config,
       info=info,
-      params=chosen_host or sharding.to_host(par.canonical(run_state)["params"]),
+      params=sharding.to_host(report_params or par.canonical(run_state)["params"]),
       meta=meta,
       workdir=workdir,
       source=dict(checkpoint=workdir, chosen_by=chosen_by),

@@ -4,8 +4,6 @@ Figures are built with `matplotlib.figure.Figure` and the Agg canvas, never thro
 drawing them changes no global backend in the process (the training loop may call this).
 """
 
-import json
-import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -159,14 +157,6 @@ def reliability_diagram(bins: dict[str, np.ndarray], ece: float, path: str) -> s
   bottom.bar(centres, count, width=width, edgecolor="black", color="grey")
   bottom.set(xlabel="confidence (top-class probability)", ylabel="examples", xlim=(0, 1))
   return _save(fig, path)
-
-
-def read_metrics(path: str) -> list[dict[str, float]]:
-  """The rows of a training run's metrics.jsonl ([] when there is none)."""
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def training_curves(rows: Sequence[dict[str, float]], path: str) -> Optional[str]:

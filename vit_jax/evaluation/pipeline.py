@@ -20,7 +20,17 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from configs import common
-from vit_jax import attention, data_sources, forward, input_pipeline, models, predict, preprocess
+from vit_jax import (
+  attention,
+  checkpoint,
+  data_sources,
+  forward,
+  input_pipeline,
+  models,
+  predict,
+  preprocess,
+)
+from vit_jax import metrics as run_metrics
 from vit_jax.evaluation import figures as eval_figures
 from vit_jax.evaluation import html_report
 from vit_jax.evaluation import metrics as eval_metrics
@@ -211,7 +221,7 @@ def _figures(
       eval_metrics.calibration_bins(probs, labels), report["ece"], png("reliability_diagram")
     ),
   )
-  rows = eval_figures.read_metrics(os.path.join(workdir, "metrics.jsonl")) if workdir else []
+  rows = run_metrics.read_metrics(workdir) if workdir else []
   figures["training_curves"] = eval_figures.training_curves(rows, png("training_curves"))
 
   predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
@@ -309,11 +319,8 @@ def evaluate(
   check_classes(meta, info, checkpoint_path, config.dataset)
   workdir = run_dir(checkpoint_path)
   source = dict(checkpoint=checkpoint_path)
-  if meta.get("best_metric"):  # best_params.npz: say what chose it
-    source["chosen_by"] = (
-      f"{meta['best_metric']} on the {meta.get('chosen_on', 'val')} split, best at step "
-      f"{meta.get('best_step')}"
-    )
+  if chosen_by := checkpoint.chosen_by(meta):  # best_params.npz: say what chose it
+    source["chosen_by"] = chosen_by
   return write_report(
     output_dir, config=config, info=info, params=params, meta=meta, workdir=workdir, source=source
   )
