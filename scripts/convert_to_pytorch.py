@@ -9,7 +9,14 @@ and compares the outputs with the Flax model on --num_check_images images; the
 folder is written only when the largest difference is within --tolerance. Without the .json
 metadata beside the .npz (an original Google file), pass --model_name (e.g. ViT-B_16).
 --checkpoint may also be a training workdir or an orbax step folder (checkpoint.load_for_inference).
-Exit codes: 0 ok, 1 outputs differ, 2 bad input or a model the format cannot represent.
+Exit codes: 0 ok, 1 outputs differ (or int8 lost too much accuracy), 2 bad input or a model the
+format cannot represent.
+
+int8 for CPU serving (docs/serving.md): `--format onnx --int8` also writes DIR/model.int8.onnx
+(onnxruntime's dynamic quantization; `--int8_method static` calibrates on --calibration_images
+of --calibration_split), runs both models over the checkpoint's test split (the data of its
+run.json, or --dataset) and prints and stores their accuracies, top-1 agreement and largest
+probability difference. It writes nothing when int8 loses more than --max_accuracy_drop points.
 
 Serving the hf export from PyTorch (the folder above; any RGB photo):
 
@@ -76,7 +83,33 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     default=convert.DEFAULT_TOLERANCE,
     help="largest allowed |PyTorch - Flax| output difference",
   )
-  return parser.parse_args(argv)
+  int8 = parser.add_argument_group("int8 (with --format onnx --int8)")
+  int8.add_argument("--int8", action="store_true", help="also write model.int8.onnx, measured")
+  int8.add_argument("--int8_method", choices=convert.INT8_METHODS, help="default: dynamic")
+  int8.add_argument("--calibration_split", help="static: the split calibrated on (train)")
+  int8.add_argument(
+    "--calibration_images",
+    type=_non_negative,
+    help=f"static: how many of its images ({convert.DEFAULT_CALIBRATION_IMAGES})",
+  )
+  int8.add_argument(
+    "--max_accuracy_drop",
+    type=float,
+    help="largest allowed loss of test accuracy, in points "
+    f"({convert.DEFAULT_MAX_ACCURACY_DROP:g})",
+  )
+  int8.add_argument(
+    "--dataset",
+    help="the data to measure on when the checkpoint has no run.json (a preset of "
+    "configs/common.py or an image folder)",
+  )
+  args = parser.parse_args(argv)
+  names = ("int8_method", "calibration_split", "calibration_images", "max_accuracy_drop", "dataset")
+  given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+  if given and not args.int8:
+    parser.error(f"--{next(iter(given))} needs --int8")
+  args.int8_options = convert.Int8Options(**given) if args.int8 else None
+  return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -92,11 +125,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       image_size=args.image_size,
       num_check_images=args.num_check_images,
       tolerance=args.tolerance,
+      int8=args.int8_options,
     )
   except checkpoint.CheckpointError as e:  # includes convert.ConversionError
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except convert.ParityError as e:
+  except (convert.ParityError, convert.AccuracyDropError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   diff = (
@@ -106,6 +140,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f"on {result.num_images} images"
   )
   print(f"wrote {result.format} {result.outputs} model to {result.output_dir} ({diff})")
+  if m := result.int8:
+    print(
+      f"wrote {convert.ONNX_INT8_FILE} ({m['quantization']['method']} int8): test accuracy "
+      f"{m['int8_accuracy']:.2f} % against float {m['float_accuracy']:.2f} % on {m['count']} "
+      f"{m['split']} images of {m['dataset']}; top-1 agreement {m['top1_agreement']:.2f} %, "
+      f"largest probability difference {m['max_probability_difference']:.4f}"
+    )
   return 0
 
 

@@ -85,19 +85,14 @@ def examples(folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(workdir, examples):
   """(base URL, the /healthz status codes seen while it started)."""
+  yield from _running("--checkpoint", workdir, "--examples", examples)
+
+
+def _running(*args: str):
+  """Starts the server with `args` (--max_batch 8, --max_upload_mb 1); yields (URL, the
+  /healthz status codes seen while it started) and stops it."""
   port = _free_port()
-  proc = _serve(
-    "--checkpoint",
-    workdir,
-    "--port",
-    str(port),
-    "--max_batch",
-    "8",
-    "--max_upload_mb",
-    "1",
-    "--examples",
-    examples,
-  )
+  proc = _serve(*args, "--port", str(port), "--max_batch", "8", "--max_upload_mb", "1")
   url, seen = f"http://127.0.0.1:{port}", []
   deadline = time.monotonic() + 240
   try:
@@ -190,6 +185,7 @@ def test_page_shows_the_class_of_an_uploaded_photo(server, folder, tmp_path):
       expected_conditions.text_to_be_present_in_element((By.ID, "model"), "testing")
     )
     assert "blue, green, red" in driver.find_element(By.ID, "classes").text
+    assert driver.find_element(By.ID, "runtime").text == "served by jax, fp32"
     driver.find_element(By.ID, "file").send_keys(_photo(folder, "green"))
     WebDriverWait(driver, 30).until(
       expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#results .label"))
@@ -358,3 +354,141 @@ def test_torch_and_onnx_exports_serve_the_same_probabilities(workdir, folder, tm
   shutil.rmtree(tmp_path / "timm")
   with pytest.raises(serve_backends.BackendError, match="no such checkpoint"):
     serve_backends.load_backend("torch", str(tmp_path / "timm"))
+
+
+# --- int8 ONNX -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_export(workdir, tmp_path_factory):
+  """(folder with model.onnx and model.int8.onnx, the conversion result)."""
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+
+  out = str(tmp_path_factory.mktemp("int8") / "onnx")
+  return out, convert.convert(workdir, out, "onnx", int8=convert.Int8Options())
+
+
+def test_int8_export_is_measured_on_the_test_split_and_keeps_the_metadata(int8_export):
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+
+  out, result = int8_export
+  measured = result.int8
+  assert measured["count"] == 21 and measured["split"] == "test"  # the colour folder's test
+  assert measured["float_accuracy"] == 100.0 and measured["int8_accuracy"] == 100.0
+  assert measured["top1_agreement"] == 100.0 and 0 < measured["max_probability_difference"] < 0.05
+  fp32 = convert.read_onnx_metadata(os.path.join(out, convert.ONNX_FILE))
+  int8 = convert.read_onnx_metadata(os.path.join(out, convert.ONNX_INT8_FILE))
+  assert fp32["precision"] == "fp32" and int8["precision"] == "int8"
+  assert {k: int8[k] for k in fp32 if k != "precision"} == {
+    k: v for k, v in fp32.items() if k != "precision"
+  }
+  assert int8["class_names"] == COLOURS
+  assert int8["quantization"] == measured.pop("quantization") and int8["int8"] == measured
+  assert int8["quantization"]["method"] == "dynamic"
+
+
+def test_onnx_backend_serves_int8_when_present_and_precision_chooses(int8_export, folder):
+  out, _ = int8_export
+  images = np.stack([predict.preprocess(predict.load_rgb(_photo(folder, c)), 32) for c in COLOURS])
+  int8 = serve_backends.load_backend("onnx", out)
+  fp32 = serve_backends.load_backend("onnx", out, precision="fp32")
+  assert int8.precision == "int8" and fp32.precision == "fp32"
+  np.testing.assert_array_equal(int8(images).argmax(-1), [0, 1, 2])
+  np.testing.assert_allclose(int8(images), fp32(images), atol=0.05)
+  assert np.abs(int8(images) - fp32(images)).max() > 0  # really another model
+  os.rename(os.path.join(out, "model.int8.onnx"), os.path.join(out, "aside.onnx"))
+  try:
+    assert serve_backends.load_backend("onnx", out).precision == "fp32"
+    with pytest.raises(serve_backends.BackendError, match="no model.int8.onnx"):
+      serve_backends.load_backend("onnx", out, precision="int8")
+  finally:
+    os.rename(os.path.join(out, "aside.onnx"), os.path.join(out, "model.int8.onnx"))
+  with pytest.raises(serve_backends.BackendError, match="int8 is the onnx backend"):
+    serve_backends.load_backend("jax", out, precision="int8")
+
+
+def test_threads_reach_the_session_options(int8_export):
+  out, _ = int8_export
+  options = serve_backends.load_backend("onnx", out, threads=1)._session.get_session_options()
+  assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+  default = serve_backends.load_backend("onnx", out)._session.get_session_options()
+  assert default.intra_op_num_threads == len(os.sched_getaffinity(0))
+  with pytest.raises(serve_backends.BackendError, match="JAX sizes its own"):
+    serve_backends.load_backend("jax", out, threads=2)
+
+
+def test_accuracy_gate_refuses_an_int8_model_that_loses_accuracy_and_writes_nothing(
+  workdir, folder, tmp_path
+):
+  """Noise photos labelled with the float model's own answers: float scores 100 %, and each
+  answer int8 flips (near-ties; 4 of 400 here) costs it accuracy, so drop 0 must refuse."""
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+
+  noise = tmp_path / "noise"
+  shutil.copytree(os.path.join(folder, "train"), noise / "train")
+  pixels = np.random.default_rng(0).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+  convert.convert(workdir, str(tmp_path / "fp32"), "onnx")
+  answers = serve_backends.load_backend("onnx", str(tmp_path / "fp32"))(
+    np.stack([predict.preprocess(p, 32) for p in pixels])
+  ).argmax(-1)
+  for i, (image, answer) in enumerate(zip(pixels, answers)):
+    (noise / "test" / COLOURS[answer]).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(noise / "test" / COLOURS[answer] / f"{i}.png")
+  options = convert.Int8Options(dataset=str(noise), max_accuracy_drop=0)
+  out = tmp_path / "int8"
+  with pytest.raises(convert.AccuracyDropError) as e:
+    convert.convert(workdir, str(out), "onnx", int8=options)
+  assert "against float 100.00 % on 400 test images" in str(e.value), e.value
+  assert "nothing written" in str(e.value) and not out.exists()
+  relaxed = convert.Int8Options(dataset=str(noise), max_accuracy_drop=5)
+  assert convert.convert(workdir, str(out), "onnx", int8=relaxed).int8["float_accuracy"] == 100
+
+
+def _convert_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", "convert_to_pytorch.py"), *args],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_int8_cli_gate_and_data_errors_are_one_line(workdir, tmp_path):
+  no_run = tmp_path / "copy"
+  no_run.mkdir()
+  for name in ("params.npz", "params.json"):
+    shutil.copy(os.path.join(workdir, name), no_run / name)
+  cases = [
+    (["--checkpoint", str(no_run / "params.npz")], 2, "no run.json"),
+    (["--checkpoint", workdir, "--max_accuracy_drop", "-1"], 2, "--max_accuracy_drop"),
+  ]
+  for args, code, words in cases:
+    proc = _convert_cli(*args, "--format", "onnx", "--int8", "--output", str(tmp_path / "o"))
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and words in proc.stderr
+    assert not (tmp_path / "o").exists()
+  proc = _convert_cli(
+    "--checkpoint", workdir, "--format", "timm", "--output", "x", "--int8_method", "static"
+  )
+  assert proc.returncode == 2 and "--int8_method needs --int8" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def int8_server(int8_export):
+  yield from _running("--checkpoint", int8_export[0], "--backend", "onnx")
+
+
+def test_int8_server_says_so_and_answers_like_the_others(int8_server, folder):
+  url, _ = int8_server
+  info = requests.get(url + "/api/info", timeout=10).json()
+  assert (info["backend"], info["precision"]) == ("onnx", "int8")
+  for colour in COLOURS:
+    assert _post(url, _photo(folder, colour, 4)).json()["predictions"][0][0]["label"] == colour
+  for case, (data, status, words) in BAD_UPLOADS.items():
+    if data is None:
+      with open(_photo(folder, "red"), "rb") as f:
+        data = f.read()[:40]
+    response = _post(url, (f"{case}.jpg", data))
+    assert response.status_code == status and words in response.json()["error"], case

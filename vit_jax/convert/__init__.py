@@ -10,13 +10,25 @@ How each export loads: checkpoints/README.md.
 
 One module per target (`timm_export`, `hf_export`, `onnx_export`) over the shared `metadata`
 (what a checkpoint is), `pytorch` (what the torch targets share) and `parity` (the output check);
-`pipeline` runs them. Nothing here imports TensorFlow; torch, timm and transformers are imported
-when used.
+`pipeline` runs them; `onnx_int8` adds model.int8.onnx, measured on the test split and gated.
+Only that measurement imports TensorFlow (the input pipeline); torch, timm and transformers are
+imported when used.
 """
 
 from vit_jax.convert.hf_export import export_hf, load_hf
 from vit_jax.convert.metadata import ConversionError, resolve_metadata
 from vit_jax.convert.onnx_export import ONNX_FILE, ONNX_METADATA_KEY, export_onnx, onnx_forward
+from vit_jax.convert.onnx_int8 import (
+  DEFAULT_CALIBRATION_IMAGES,
+  DEFAULT_MAX_ACCURACY_DROP,
+  ONNX_INT8_FILE,
+  AccuracyDropError,
+  Int8Options,
+)
+from vit_jax.convert.onnx_int8 import METHODS as INT8_METHODS
+from vit_jax.convert.onnx_int8 import quantize as quantize_onnx
+from vit_jax.convert.onnx_int8 import read_metadata as read_onnx_metadata
+from vit_jax.convert.onnx_int8 import session as onnx_session
 from vit_jax.convert.parity import DEFAULT_TOLERANCE, ParityError, check_images, flax_forward
 from vit_jax.convert.pipeline import (
   ALL_FORMATS,
@@ -30,6 +42,15 @@ from vit_jax.convert.timm_export import export_timm, load_timm
 
 __all__ = [
   "ALL_FORMATS",
+  "DEFAULT_CALIBRATION_IMAGES",
+  "DEFAULT_MAX_ACCURACY_DROP",
+  "INT8_METHODS",
+  "ONNX_INT8_FILE",
+  "AccuracyDropError",
+  "Int8Options",
+  "onnx_session",
+  "quantize_onnx",
+  "read_onnx_metadata",
   "DEFAULT_TOLERANCE",
   "FORMATS",
   "ONNX_FILE",

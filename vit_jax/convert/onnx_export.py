@@ -12,7 +12,8 @@ from vit_jax.convert import pytorch, timm_export
 from vit_jax.convert.metadata import Flat
 
 ONNX_FILE = "model.onnx"
-ONNX_METADATA_KEY = "vit_jax"  # JSON: model_name, image_size, class_names, architecture
+# JSON: model_name, image_size, class_names, architecture, precision (+ int8: its measurement)
+ONNX_METADATA_KEY = "vit_jax"
 ONNX_OPSET = 17
 
 
@@ -53,6 +54,7 @@ def export_onnx(
     image_size=size,
     class_names=meta["class_names"] or [],
     architecture=meta["architecture"],
+    precision="fp32",
   )
   onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(info)})
   onnx.save(proto, target)

@@ -10,7 +10,15 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from absl import logging
 
-from vit_jax.convert import hf_export, metadata, onnx_export, parity, pytorch, timm_export
+from vit_jax.convert import (
+  hf_export,
+  metadata,
+  onnx_export,
+  onnx_int8,
+  parity,
+  pytorch,
+  timm_export,
+)
 
 FORMATS = ("timm", "hf")  # the PyTorch libraries
 ALL_FORMATS = FORMATS + ("onnx",)  # what convert() writes
@@ -23,6 +31,7 @@ class ConversionResult:
   outputs: str  # "logits" or "features"
   max_abs_diff: Optional[float]  # None when the check was skipped
   num_images: int
+  int8: Optional[dict[str, Any]] = None  # onnx with int8: the quantization and its measurement
 
 
 def check_export(
@@ -63,15 +72,19 @@ def convert(
   image_size: Optional[int] = None,
   num_check_images: int = 4,
   tolerance: float = parity.DEFAULT_TOLERANCE,
+  int8: Optional[onnx_int8.Int8Options] = None,
 ) -> ConversionResult:
   """Converts a checkpoint to `fmt` (ALL_FORMATS) in `output_dir` and checks the outputs.
 
   Files are written to a staging folder beside `output_dir` and moved into it only after the
-  parity check passed (`num_check_images=0` skips the check). Raises CheckpointError (bad input,
-  including ConversionError: not representable in `fmt`) or ParityError.
+  parity check passed (`num_check_images=0` skips the check) and, with `int8` (onnx only), after
+  model.int8.onnx kept its accuracy on the test split. Raises CheckpointError (bad input,
+  including ConversionError: not representable in `fmt`), ParityError or AccuracyDropError.
   """
   if fmt not in ALL_FORMATS:
     raise ValueError(f"format must be one of {ALL_FORMATS}, got {fmt!r}")
+  if int8 is not None and fmt != "onnx":
+    raise metadata.ConversionError(f"--int8 quantizes an ONNX model: use --format onnx, not {fmt}")
   if num_check_images < 0:
     raise ValueError(f"num_check_images must be >= 0, got {num_check_images}")
   path = os.fspath(checkpoint_path)
@@ -98,6 +111,7 @@ def convert(
       )
     else:
       logging.warning("%s: parity check skipped (num_check_images=0)", output_dir)
+    measured = onnx_int8.export_int8(path, meta, staging, int8) if int8 else None
     os.makedirs(output_dir, exist_ok=True)
     for name in os.listdir(staging):
       os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
@@ -109,4 +123,5 @@ def convert(
     outputs=outputs,
     max_abs_diff=diff,
     num_images=num_check_images,
+    int8=measured,
   )

@@ -75,6 +75,8 @@ def create_app(
     return {
       "model_name": backend.model_name,
       "backend": backend_name,
+      "precision": getattr(backend, "precision", "fp32"),
+      "threads": getattr(backend, "threads", None),
       "image_size": size,
       "class_names": backend.class_names,
       "top_k": k,

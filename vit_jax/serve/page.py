@@ -31,6 +31,7 @@ small { color: #666; }
 <body>
 <h1>ViT recognizer</h1>
 <p>Model <b id="model">…</b> <small id="classes"></small></p>
+<p><small id="runtime"></small></p>
 <div id="examples"></div>
 <div id="drop">Drop a photo here or <input type="file" id="file" accept="image/*"></div>
 <div><img id="photo" alt="the uploaded photo"><img id="attention" alt="attention map"></div>
@@ -43,6 +44,7 @@ let attentionKind = null;
 fetch("/api/info").then((r) => r.json()).then((info) => {
   attentionKind = info.attention;
   $("model").textContent = info.model_name;
+  $("runtime").textContent = "served by " + info.backend + ", " + info.precision;
   for (const name of info.examples) {
     const img = document.createElement("img");
     img.className = "example";
