@@ -60,14 +60,17 @@ def session(path: str, threads: Optional[int] = None) -> Any:
 
 
 class _Calibration:
-  """onnxruntime's CalibrationDataReader over NCHW float32 batches."""
+  """onnxruntime's CalibrationDataReader over NCHW float32 batches; counts what it handed out."""
 
   def __init__(self, batches: Iterable[np.ndarray], input_name: str):
-    self._batches, self._input = iter(batches), input_name
+    self._batches, self._input, self.images = iter(batches), input_name, 0
 
   def get_next(self) -> Optional[dict[str, np.ndarray]]:
     batch = next(self._batches, None)
-    return None if batch is None else {self._input: batch}
+    if batch is None:
+      return None
+    self.images += len(batch)
+    return {self._input: batch}
 
 
 def quantize(
@@ -99,11 +102,11 @@ def quantize(
     else:
       if calibration is None:
         raise ConversionError("static int8 quantization needs calibration images")
-      counted = _Counted(calibration)
+      reader = _Calibration(calibration, "images")
       quantization.quantize_static(
         prepared,
         int8_path,
-        _Calibration(counted, "images"),
+        reader,
         quant_format=quantization.QuantFormat.QDQ,
         op_types_to_quantize=QUANTIZED_OPS,
         per_channel=True,
@@ -112,24 +115,14 @@ def quantize(
         calibrate_method=quantization.CalibrationMethod.MinMax,
       )
       done["activations"] = "uint8, calibrated min/max"
-      done["calibration_images"] = counted.images
-  info = json.loads(_metadata(onnx.load(float_path, load_external_data=False)))
+      done["calibration_images"] = reader.images
+  info = read_metadata(float_path)
   proto = onnx.load(int8_path)
   onnx.helper.set_model_props(
     proto, {onnx_export.ONNX_METADATA_KEY: json.dumps({**info, "precision": "int8"})}
   )
   onnx.save(proto, int8_path)
   return done
-
-
-class _Counted:
-  def __init__(self, batches: Iterable[np.ndarray]):
-    self._batches, self.images = iter(batches), 0
-
-  def __iter__(self) -> Iterator[np.ndarray]:
-    for batch in self._batches:
-      self.images += len(batch)
-      yield batch
 
 
 def _metadata(proto: Any) -> str:
@@ -172,9 +165,7 @@ def evaluation_data(checkpoint_path: str, meta: dict[str, Any], options: Int8Opt
     )
     info = input_pipeline.get_dataset_info(config)
     pipeline.check_classes(dict(meta), info, checkpoint_path, config.dataset)
-  except pipeline.EvaluateError as e:
-    raise ConversionError(f"--int8 measures on the test split: {e}") from None
-  except ValueError as e:  # data errors (data_sources): one line naming the data
+  except ValueError as e:  # EvaluateError, and data_sources' errors naming the data: one line
     raise ConversionError(f"--int8 measures on the test split: {e}") from None
   return config, info
 
@@ -213,10 +204,10 @@ def calibration_batches(config: Any, info: Any, split: str, count: int) -> Itera
 
 
 def _probabilities(sess: Any, images: np.ndarray) -> np.ndarray:
+  from vit_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+
   out = [sess.run(None, {"images": images[i : i + CHUNK]})[0] for i in range(0, len(images), CHUNK)]
-  logits = np.concatenate(out).astype(np.float64)
-  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return e / e.sum(axis=-1, keepdims=True)
+  return metrics.probabilities(np.concatenate(out))
 
 
 def compare(
